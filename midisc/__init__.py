@@ -1,0 +1,1 @@
+"""midisc: sparse autoencoders on language-model activations, tracked in a database."""
