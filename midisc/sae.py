@@ -1,0 +1,318 @@
+"""Sparse autoencoders (ReLU + L1, TopK) and their save/load in the SAELens v6 folder layout.
+
+An SAE maps an activation x [.., d_in] to non-negative codes [.., d_sae] and back:
+
+    codes = f((x - b_dec) @ W_enc + b_enc)        x_hat = codes @ W_dec + b_dec
+
+with parameters named and shaped as SAELens v6 names them, so a saved folder (cfg.json +
+sae_weights.safetensors) loads in SAELens and Neuronpedia without conversion. This module knows
+nothing of Lightning, SQL or language models: it takes tensors and plain values.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+CFG_FILENAME = "cfg.json"
+WEIGHTS_FILENAME = "sae_weights.safetensors"
+B_DEC_METHODS = ("mean", "geometric_median")
+# Guards the divisions in row normalisation and Weiszfeld weights; far below any real norm.
+_EPS = 1e-8
+
+
+@dataclass
+class Output:
+    """What one forward pass gives back; every scalar is already reduced over the batch."""
+
+    x_hat: Tensor  # [B, d_in] reconstruction
+    codes: Tensor  # [B, d_sae] dense feature activations, >= 0
+    loss: Tensor  # scalar the optimizer minimises
+    mse: Tensor  # scalar, mean over all elements of (x_hat - x) ** 2
+    l1: Tensor  # scalar, mean over batch of sum_i codes_i * ||W_dec_i||, reported for every arch
+
+
+def _is_int(value: Any) -> bool:
+    # bool is an int subclass; `expansion=True` is a config mistake, not a width.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class SparseAutoencoder(nn.Module):
+    """Shared parameters, decoder, init and persistence; subclasses choose the nonlinearity and loss."""
+
+    architecture: ClassVar[str]  # the SAELens "architecture" string written to cfg.json
+
+    def __init__(
+        self, d_in: int, expansion: int = 8, *, d_sae: int | None = None, seed: int | None = None
+    ) -> None:
+        super().__init__()
+        if not _is_int(d_in) or d_in < 1:
+            raise ValueError(f"d_in must be a positive integer, got {d_in!r}")
+        if not _is_int(expansion) or expansion < 1:
+            raise ValueError(f"expansion must be an integer >= 1, got {expansion!r}")
+        if d_sae is not None and (not _is_int(d_sae) or d_sae < 1):
+            raise ValueError(f"d_sae must be a positive integer or None, got {d_sae!r}")
+        self.d_in = d_in
+        self.expansion = expansion
+        self.d_sae = d_sae or expansion * d_in
+
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        # Unit-norm random decoder rows with the encoder as their transpose: the tied start that
+        # Anthropic (April 2024 update) and EleutherAI sparsify use; it avoids early dead latents.
+        w_dec = torch.randn(self.d_sae, d_in, generator=generator, dtype=torch.float32)
+        w_dec /= w_dec.norm(dim=1, keepdim=True).clamp_min(_EPS)
+        self.W_enc = nn.Parameter(w_dec.T.contiguous())  # [d_in, d_sae]
+        self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
+        self.W_dec = nn.Parameter(w_dec)  # [d_sae, d_in]
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+
+    # --- the maths -------------------------------------------------------------------------
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """Encoder pre-activations [.., d_sae]; b_dec is subtracted first (SAELens apply_b_dec_to_input)."""
+        if x.shape[-1] != self.d_in:
+            raise ValueError(
+                f"expected activations with last dimension d_in={self.d_in}, got shape {tuple(x.shape)}"
+            )
+        x = x.to(self.W_enc.dtype)
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Dense codes [.., d_sae], all >= 0."""
+        raise NotImplementedError(f"{type(self).__name__} must define encode()")
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """Reconstruction [.., d_in]. The only product with W_dec, so a sparse decoder can replace it here."""
+        return codes @ self.W_dec + self.b_dec
+
+    def objective(self, mse: Tensor, l1: Tensor) -> Tensor:
+        """The scalar to minimise, from the two reported terms."""
+        raise NotImplementedError(f"{type(self).__name__} must define objective()")
+
+    def forward(self, x: Tensor) -> Output:
+        codes = self.encode(x)
+        x_hat = self.decode(codes)
+        mse = (x_hat - x.to(x_hat.dtype)).pow(2).mean()
+        # Weighting each code by its decoder norm makes the penalty blind to the trivial trade of a
+        # small code against a long decoder row (Anthropic, April 2024 update).
+        l1 = (codes * self.W_dec.norm(dim=1)).sum(dim=-1).mean()
+        return Output(x_hat=x_hat, codes=codes, loss=self.objective(mse, l1), mse=mse, l1=l1)
+
+    # --- training helpers ------------------------------------------------------------------
+    @torch.no_grad()
+    def init_b_dec(self, sample: Tensor, method: str = "geometric_median") -> None:
+        """Set b_dec to the centre of a sample of activations [N, d_in], before training starts."""
+        if method not in B_DEC_METHODS:
+            raise ValueError(f"unknown b_dec init method {method!r}; valid: {', '.join(B_DEC_METHODS)}")
+        if sample.ndim != 2 or sample.shape[1] != self.d_in or sample.shape[0] == 0:
+            raise ValueError(
+                f"b_dec init needs a non-empty sample of shape [N, {self.d_in}], got {tuple(sample.shape)}"
+            )
+        sample = sample.to(device=self.b_dec.device, dtype=torch.float32)
+        centre = sample.mean(dim=0) if method == "mean" else _geometric_median(sample)
+        self.b_dec.copy_(centre)
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Scale every W_dec row to unit norm; an all-zero row stays zero rather than becoming NaN."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(_EPS))
+
+    @torch.no_grad()
+    def remove_parallel_grad(self) -> None:
+        """Drop the part of W_dec.grad along each row, so a step rotates rows instead of growing them.
+
+        Call after backward and before the optimizer step, then normalize_decoder() after the step
+        (EleutherAI sparsify does the same). No-op before the first backward.
+        """
+        grad = self.W_dec.grad
+        if grad is None:
+            return
+        # Project against unit rows so the result is orthogonal even if rows drifted off unit norm.
+        rows = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(_EPS)
+        grad -= (grad * rows).sum(dim=1, keepdim=True) * rows
+
+    # --- records and persistence -----------------------------------------------------------
+    def hparams(self) -> dict[str, Any]:
+        """Plain values that define this SAE, for run records."""
+        return {"architecture": self.architecture, "d_in": self.d_in, "d_sae": self.d_sae,
+                "expansion": self.expansion}
+
+    def cfg_dict(self, metadata: dict | None = None) -> dict[str, Any]:
+        """The SAELens v6 cfg.json contents for this SAE."""
+        return {
+            "architecture": self.architecture,
+            "d_in": self.d_in,
+            "d_sae": self.d_sae,
+            "dtype": "float32",
+            "device": "cpu",
+            "apply_b_dec_to_input": True,
+            "normalize_activations": "none",
+            "reshape_activations": "none",
+            "metadata": dict(metadata or {}),
+        }
+
+    def save(self, folder: str | Path, metadata: dict | None = None) -> Path:
+        """Write folder/cfg.json and folder/sae_weights.safetensors; return the folder."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / CFG_FILENAME).write_text(json.dumps(self.cfg_dict(metadata), indent=2) + "\n")
+        tensors = {
+            name: getattr(self, name).detach().to("cpu", torch.float32).contiguous()
+            for name in ("W_enc", "W_dec", "b_enc", "b_dec")
+        }
+        save_file(tensors, str(folder / WEIGHTS_FILENAME))
+        return folder
+
+
+class ReluSAE(SparseAutoencoder):
+    """ReLU codes with an L1 penalty on decoder-norm-weighted codes (Anthropic, April 2024)."""
+
+    architecture: ClassVar[str] = "standard"
+
+    def __init__(
+        self,
+        d_in: int,
+        expansion: int = 8,
+        *,
+        l1_coef: float = 1e-3,
+        d_sae: int | None = None,
+        seed: int | None = None,
+    ) -> None:
+        if not isinstance(l1_coef, (int, float)) or isinstance(l1_coef, bool) or not math.isfinite(l1_coef):
+            raise ValueError(f"l1_coef must be a finite number >= 0, got {l1_coef!r}")
+        if l1_coef < 0:
+            raise ValueError(f"l1_coef must be >= 0, got {float(l1_coef)}")
+        super().__init__(d_in, expansion, d_sae=d_sae, seed=seed)
+        self.l1_coef = float(l1_coef)
+
+    def encode(self, x: Tensor) -> Tensor:
+        return torch.relu(self.pre_acts(x))
+
+    def objective(self, mse: Tensor, l1: Tensor) -> Tensor:
+        return mse + self.l1_coef * l1
+
+    def hparams(self) -> dict[str, Any]:
+        return {**super().hparams(), "l1_coef": self.l1_coef}
+
+    def cfg_dict(self, metadata: dict | None = None) -> dict[str, Any]:
+        # SAELens keeps l1_coefficient in its training config only; metadata is the one place a
+        # SAELens-valid cfg.json can carry it, and load_sae reads it back from there.
+        return super().cfg_dict({**(metadata or {}), "l1_coefficient": self.l1_coef})
+
+
+class TopKSAE(SparseAutoencoder):
+    """Keeps the k largest pre-activations per token (Gao et al. 2024); sparsity is set, not penalised."""
+
+    architecture: ClassVar[str] = "topk"
+
+    def __init__(
+        self,
+        d_in: int,
+        expansion: int = 8,
+        *,
+        k: int = 32,
+        d_sae: int | None = None,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(d_in, expansion, d_sae=d_sae, seed=seed)
+        if not _is_int(k):
+            raise ValueError(f"k must be an integer, got {k!r}; choose 1 <= k <= {self.d_sae}")
+        if k < 1:
+            raise ValueError(f"k={k} must be at least 1; choose 1 <= k <= {self.d_sae}")
+        if k > self.d_sae:
+            width = (f"expansion {expansion} x d_in {d_in}" if self.d_sae == expansion * d_in
+                     else "d_sae given directly")
+            raise ValueError(
+                f"k={k} is larger than the SAE width {self.d_sae} ({width}); choose 1 <= k <= {self.d_sae}"
+            )
+        self.k = k
+
+    def encode(self, x: Tensor) -> Tensor:
+        # SAELens TopK: select on raw pre-activations, then ReLU only the selected values, so a row
+        # whose top-k includes negatives ends up with fewer than k nonzeros.
+        pre = self.pre_acts(x)
+        top = pre.topk(self.k, dim=-1)
+        return torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
+
+    def objective(self, mse: Tensor, l1: Tensor) -> Tensor:
+        return mse
+
+    def hparams(self) -> dict[str, Any]:
+        return {**super().hparams(), "k": self.k}
+
+    def cfg_dict(self, metadata: dict | None = None) -> dict[str, Any]:
+        return {**super().cfg_dict(metadata), "k": self.k, "rescale_acts_by_decoder_norm": False}
+
+
+# Explicit rather than filled in by subclass side effects: the classes cfg.json may name.
+ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {cls.architecture: cls for cls in (ReluSAE, TopKSAE)}
+
+# cfg.json settings that would change the maths; we implement only these values, so refuse others
+# instead of silently computing something different from SAELens. Missing keys mean the default.
+_SUPPORTED_CFG = {
+    "apply_b_dec_to_input": True,
+    "normalize_activations": "none",
+    "reshape_activations": "none",
+    "rescale_acts_by_decoder_norm": False,
+}
+
+
+def load_sae(folder: str | Path, device: str = "cpu") -> SparseAutoencoder:
+    """Rebuild an SAE from a SAELens-layout folder; returns it on `device`, in eval mode."""
+    folder = Path(folder)
+    cfg_path, weights_path = folder / CFG_FILENAME, folder / WEIGHTS_FILENAME
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no SAE folder at {folder}")
+    for path in (cfg_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"SAE folder {folder} has no {path.name} (looked for {path})")
+    cfg = json.loads(cfg_path.read_text())
+
+    arch = cfg.get("architecture")
+    if arch not in ARCHITECTURES:
+        raise ValueError(
+            f"unknown SAE architecture {arch!r} in {cfg_path}; valid: {', '.join(map(repr, ARCHITECTURES))}"
+        )
+    for key, supported in _SUPPORTED_CFG.items():
+        if cfg.get(key, supported) != supported:
+            raise ValueError(f"{key}={cfg[key]!r} in {cfg_path} is not supported; only {supported!r}")
+    missing = [key for key in ("d_in", "d_sae") + (("k",) if arch == "topk" else ()) if key not in cfg]
+    if missing:
+        raise ValueError(f"{cfg_path} lacks required key(s) {', '.join(missing)}")
+
+    d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
+    # SAELens stores the width, not the expansion; recover it when d_sae is a whole multiple.
+    expansion = max(1, d_sae // d_in)
+    if arch == "topk":
+        sae: SparseAutoencoder = TopKSAE(d_in, expansion, k=int(cfg["k"]), d_sae=d_sae)
+    else:
+        l1_coef = float((cfg.get("metadata") or {}).get("l1_coefficient", 0.0))
+        sae = ReluSAE(d_in, expansion, l1_coef=l1_coef, d_sae=d_sae)
+
+    state = {name: t.to(torch.float32) for name, t in load_file(str(weights_path)).items()}
+    sae.load_state_dict(state, strict=True)
+    return sae.to(device).eval()
+
+
+def _geometric_median(points: Tensor, iters: int = 50, tol: float = 1e-6) -> Tensor:
+    """Weiszfeld's algorithm for the point minimising the summed distance to `points` [N, d].
+
+    Unlike the mean, a handful of huge activations (BOS, attention-sink tokens) barely move it.
+    """
+    # Starting from the coordinate-wise median (itself robust) converges in far fewer steps than
+    # starting from the mean, which outliers may have dragged far away.
+    median = points.median(dim=0).values
+    for _ in range(iters):
+        weights = 1.0 / (points - median).norm(dim=1).clamp_min(_EPS)
+        new = (weights[:, None] * points).sum(dim=0) / weights.sum()
+        shift = (new - median).norm()
+        median = new
+        if shift <= tol * (1.0 + median.norm()):
+            break
+    return median
