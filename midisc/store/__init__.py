@@ -1,0 +1,9 @@
+"""The SQL record of training runs: runs, per-epoch metrics, discovered features, saved SAEs.
+
+Plain Python values go in and come out; the same code runs on SQLite and PostgreSQL.
+"""
+
+from midisc.store.engine import StoreError, default_db_url, redact_url
+from midisc.store.records import Store, UnknownRunError
+
+__all__ = ["Store", "StoreError", "UnknownRunError", "default_db_url", "redact_url"]

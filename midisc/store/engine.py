@@ -1,0 +1,134 @@
+"""Turn a database URL into a checked, connected SQLAlchemy engine, with one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+
+DEFAULT_DB_URL = "sqlite:///outputs/midisc.db"
+URL_HINT = "e.g. sqlite:///outputs/midisc.db or postgresql+psycopg2://user:password@host:5432/dbname"
+
+# Seconds to wait for a PostgreSQL server before giving up; libpq's default is to wait forever.
+PG_CONNECT_TIMEOUT_S = 5
+# Seconds SQLite waits on a lock; parallel sweep jobs share one file and would otherwise fail at 5 s.
+SQLITE_BUSY_TIMEOUT_S = 30
+
+
+class StoreError(RuntimeError):
+    """The database could not be used; the message is one line meant for a person."""
+
+
+def default_db_url() -> str:
+    """The URL in $MIDISC_DB_URL, else a SQLite file under ./outputs."""
+    return os.environ.get("MIDISC_DB_URL") or DEFAULT_DB_URL
+
+
+def redact_url(url: str) -> str:
+    """`url` with its password replaced by ***; a URL that does not parse comes back unchanged."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        return url
+
+
+def _mask_unparsed(url: str) -> str:
+    # For error messages only: a URL that did not parse may still carry a password.
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def driver_message(error: BaseException) -> str:
+    """The first line of the database driver's message inside a SQLAlchemy error."""
+    # SQLAlchemy wraps the driver's exception; its own text adds the SQL and a docs link.
+    original = getattr(error, "orig", None) or error
+    lines = [line.strip() for line in str(original).splitlines() if line.strip()]
+    return lines[0] if lines else type(original).__name__
+
+
+def parse_url(url: str) -> URL:
+    """Parse `url`, or raise StoreError saying what a valid one looks like."""
+    try:
+        return make_url(url)
+    except (ArgumentError, ValueError) as error:
+        raise StoreError(f"malformed database URL {_mask_unparsed(url)!r} ({error}); {URL_HINT}") from None
+
+
+def _connect_args(parsed: URL) -> dict[str, Any]:
+    if parsed.get_backend_name() == "sqlite":
+        return {"timeout": SQLITE_BUSY_TIMEOUT_S}
+    if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() in ("psycopg2", "psycopg"):
+        return {"connect_timeout": PG_CONNECT_TIMEOUT_S}
+    return {}
+
+
+def _make_sqlite_folder(parsed: URL) -> None:
+    database = parsed.database or ""
+    if database in ("", ":memory:") or database.startswith("file:"):
+        return
+    Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+
+
+def _enforce_sqlite_foreign_keys(engine: Engine) -> None:
+    # SQLite ignores foreign keys (and so ON DELETE CASCADE) unless each connection turns them on.
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+
+def connect(url: str) -> Engine:
+    """An engine for `url` that has been shown to connect; StoreError (one line) otherwise."""
+    parsed = parse_url(url)
+    shown = parsed.render_as_string(hide_password=True)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        try:
+            _make_sqlite_folder(parsed)
+        except OSError as error:
+            raise StoreError(f"cannot create the folder for {shown}: {error.strerror} ({error.filename})") from None
+    try:
+        engine = create_engine(
+            parsed,
+            connect_args=_connect_args(parsed),
+            # Refuse NaN/inf outright: the store drops them first, this makes a slip loud, not silent.
+            json_serializer=partial(json.dumps, allow_nan=False),
+        )
+    except NoSuchModuleError:
+        raise StoreError(f"unknown database dialect {parsed.drivername!r} in {shown}; {URL_HINT}") from None
+    except ImportError as error:
+        raise StoreError(
+            f"the driver for {parsed.drivername!r} is not installed ({error}); "
+            "use postgresql+psycopg2:// or sqlite:///"
+        ) from None
+    except (ArgumentError, TypeError) as error:
+        raise StoreError(f"cannot use database URL {shown}: {driver_message(error)}") from None
+    if backend == "sqlite":
+        _enforce_sqlite_foreign_keys(engine)
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except SQLAlchemyError as error:
+        engine.dispose()
+        reason = driver_message(error)
+        if parsed.password:
+            reason = reason.replace(str(parsed.password), "***")
+        if backend == "sqlite":
+            raise StoreError(f"cannot open database {shown}: {reason}") from None
+        # The hint helps only when nothing answered; after a refused login or a missing database it misleads.
+        lowered = reason.lower()
+        if "host name" in lowered or "name or service" in lowered:
+            hint = " (is the host name right?)"
+        elif any(word in lowered for word in ("refused", "timeout", "timed out", "could not connect")):
+            hint = " (is the server running?)"
+        else:
+            hint = ""
+        raise StoreError(f"cannot reach database {shown}: {reason}{hint}") from None
+    return engine

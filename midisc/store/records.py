@@ -1,0 +1,275 @@
+"""`Store`: write what a training run produces, and read it back as plain dicts.
+
+Every call opens its own short session and transaction, so a crash between calls never leaves a
+half-written transaction holding locks, and a crash inside one rolls it back whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import delete, func, insert, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from midisc.store.engine import StoreError, driver_message, connect, parse_url
+from midisc.store.tables import (
+    RUN_STATUSES,
+    Base,
+    DiscoveredFeature,
+    EpochMetric,
+    SAEModel,
+    TrainingRun,
+    utc_now,
+)
+from midisc.store.values import finite_floats, finite_json, finite_or_none
+
+FINISHED_STATUSES = tuple(s for s in RUN_STATUSES if s != "running")
+# Final metrics copied into their own columns so runs can be sorted and filtered in SQL.
+HEADLINE_METRICS = ("mse", "fvu", "l0", "dead_frac")
+UPDATABLE_RUN_FIELDS = ("model", "hook", "layer", "architecture", "d_in", "d_sae", "n_tokens", "config", "output_dir")
+SHA256_HEX_DIGITS = 64
+
+
+class UnknownRunError(KeyError):
+    """No run has the requested id. Prints as a plain sentence, not KeyError's quoted repr."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def _as_dict(row: Base) -> dict[str, Any]:
+    return {column.key: getattr(row, column.key) for column in row.__table__.columns}
+
+
+class Store:
+    """The record of training runs in a SQL database (SQLite file or PostgreSQL server)."""
+
+    def __init__(self, url: str) -> None:
+        self._engine = connect(url)
+        self.url: str = parse_url(url).render_as_string(hide_password=True)
+        try:
+            Base.metadata.create_all(self._engine)
+        except SQLAlchemyError as error:
+            self._engine.dispose()
+            raise StoreError(f"cannot create the midisc tables in {self.url}: {driver_message(error)}") from None
+        self._sessions = sessionmaker(self._engine, expire_on_commit=False)
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    # ----- writes -------------------------------------------------------------------------------
+
+    def start_run(
+        self,
+        *,
+        model: str,
+        hook: str,
+        layer: int | None,
+        architecture: str,
+        config: dict,
+        output_dir: str,
+        d_in: int | None = None,
+        d_sae: int | None = None,
+    ) -> int:
+        """Record a new run with status "running"; returns its id."""
+        run = TrainingRun(
+            status="running",
+            started_at=utc_now(),
+            model=model,
+            hook=hook,
+            layer=layer,
+            architecture=architecture,
+            d_in=d_in,
+            d_sae=d_sae,
+            config=finite_json(config, "config"),
+            output_dir=str(output_dir),
+        )
+        with self._sessions.begin() as session:
+            session.add(run)
+            session.flush()
+            return run.id
+
+    def update_run(self, run_id: int, **fields: Any) -> None:
+        """Set descriptive fields learned after the start, e.g. d_in, d_sae, n_tokens."""
+        unknown = sorted(set(fields) - set(UPDATABLE_RUN_FIELDS))
+        if unknown:
+            raise ValueError(
+                f"cannot update run field(s) {', '.join(unknown)}; updatable: {', '.join(UPDATABLE_RUN_FIELDS)}"
+                " (status, metrics and error are set by finish_run)"
+            )
+        if "config" in fields:
+            fields["config"] = finite_json(fields["config"], "config")
+        with self._sessions.begin() as session:
+            run = self._run(session, run_id)
+            for name, value in fields.items():
+                setattr(run, name, value)
+
+    def finish_run(
+        self,
+        run_id: int,
+        status: str,
+        *,
+        metrics: dict | None = None,
+        error: str | None = None,
+    ) -> None:
+        """Mark the run completed, failed or interrupted, with its final metrics and/or error."""
+        if status not in FINISHED_STATUSES:
+            raise ValueError(f"finish status {status!r} is not one of {', '.join(FINISHED_STATUSES)}")
+        clean = finite_json(metrics, "metrics") if metrics is not None else None
+        with self._sessions.begin() as session:
+            run = self._run(session, run_id)
+            run.status = status
+            run.ended_at = utc_now()
+            run.error = error
+            if clean is not None:
+                run.metrics = clean
+                for name in HEADLINE_METRICS:
+                    if name in metrics:
+                        setattr(run, name, finite_or_none(metrics[name], f"metric {name!r}"))
+
+    def add_epoch_metrics(self, run_id: int, epoch: int, step: int, metrics: dict[str, float]) -> None:
+        """Record one epoch's metrics; writing the same epoch again replaces the earlier row."""
+        clean = finite_json(metrics, "metrics")
+        with self._sessions.begin() as session:
+            self._run(session, run_id)
+            row = session.scalar(select(EpochMetric).where(EpochMetric.run_id == run_id, EpochMetric.epoch == epoch))
+            if row is None:
+                session.add(EpochMetric(run_id=run_id, epoch=epoch, step=step, metrics=clean, recorded_at=utc_now()))
+            else:
+                row.step, row.metrics, row.recorded_at = step, clean, utc_now()
+
+    def add_features(
+        self,
+        run_id: int,
+        frequency: Sequence[float],
+        mean_activation: Sequence[float],
+        max_activation: Sequence[float],
+        is_dead: Sequence[bool],
+    ) -> int:
+        """Record one row per SAE latent (feature_index = position); replaces the run's earlier rows.
+
+        Takes lists or numpy arrays of equal length; returns the number of rows written.
+        """
+        columns = {
+            "frequency": finite_floats(frequency, "frequency"),
+            "mean_activation": finite_floats(mean_activation, "mean_activation"),
+            "max_activation": finite_floats(max_activation, "max_activation"),
+        }
+        dead = [bool(d) for d in (is_dead.tolist() if hasattr(is_dead, "tolist") else is_dead)]
+        lengths = {name: len(values) for name, values in columns.items()} | {"is_dead": len(dead)}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(
+                "feature statistics must have one value per feature, got lengths "
+                + ", ".join(f"{name}={n}" for name, n in lengths.items())
+            )
+        rows = [
+            {
+                "run_id": run_id,
+                "feature_index": i,
+                "frequency": f,
+                "mean_activation": mean,
+                "max_activation": peak,
+                "is_dead": d,
+            }
+            for i, (f, mean, peak, d) in enumerate(
+                zip(columns["frequency"], columns["mean_activation"], columns["max_activation"], dead)
+            )
+        ]
+        with self._sessions.begin() as session:
+            self._run(session, run_id)
+            session.execute(delete(DiscoveredFeature).where(DiscoveredFeature.run_id == run_id))
+            if rows:
+                # One executemany ("insertmanyvalues"): ~0.1 s for 20k rows, where ORM objects take seconds.
+                session.execute(insert(DiscoveredFeature), rows)
+        return len(rows)
+
+    def add_sae_model(
+        self,
+        run_id: int,
+        *,
+        path: str,
+        d_in: int,
+        d_sae: int,
+        architecture: str,
+        checksum: str,
+    ) -> int:
+        """Record a saved SAE checkpoint; `checksum` is the sha256 hex digest of its weights. Returns its id."""
+        checksum = checksum.lower()
+        if len(checksum) != SHA256_HEX_DIGITS or any(c not in "0123456789abcdef" for c in checksum):
+            raise ValueError(f"checksum {checksum!r} is not a sha256 hex digest (64 characters 0-9a-f)")
+        row = SAEModel(
+            run_id=run_id,
+            path=str(path),
+            d_in=d_in,
+            d_sae=d_sae,
+            architecture=architecture,
+            checksum=checksum,
+            created_at=utc_now(),
+        )
+        with self._sessions.begin() as session:
+            self._run(session, run_id)
+            session.add(row)
+            session.flush()
+            return row.id
+
+    # ----- reads --------------------------------------------------------------------------------
+
+    def get_run(self, run_id: int) -> dict[str, Any]:
+        """The run's row as a dict; UnknownRunError (a KeyError) listing existing ids if there is none."""
+        with self._sessions() as session:
+            return _as_dict(self._run(session, run_id))
+
+    def list_runs(self, status: str | None = None, model: str | None = None) -> list[dict[str, Any]]:
+        """Runs, newest first, optionally only those with the given status and/or model."""
+        if status is not None and status not in RUN_STATUSES:
+            raise ValueError(f"run status {status!r} is not one of {', '.join(RUN_STATUSES)}")
+        query = select(TrainingRun).order_by(TrainingRun.started_at.desc(), TrainingRun.id.desc())
+        if status is not None:
+            query = query.where(TrainingRun.status == status)
+        if model is not None:
+            query = query.where(TrainingRun.model == model)
+        with self._sessions() as session:
+            return [_as_dict(run) for run in session.scalars(query)]
+
+    def epoch_metrics(self, run_id: int) -> list[dict[str, Any]]:
+        """The run's per-epoch metric rows, by epoch."""
+        return self._children(EpochMetric, run_id, EpochMetric.epoch)
+
+    def features(self, run_id: int) -> list[dict[str, Any]]:
+        """The run's per-feature statistics, by feature_index."""
+        return self._children(DiscoveredFeature, run_id, DiscoveredFeature.feature_index)
+
+    def sae_models(self, run_id: int) -> list[dict[str, Any]]:
+        """The run's saved checkpoints, oldest first."""
+        return self._children(SAEModel, run_id, SAEModel.id)
+
+    # ----- helpers ------------------------------------------------------------------------------
+
+    def _children(self, table: type[Base], run_id: int, order: Any) -> list[dict[str, Any]]:
+        with self._sessions() as session:
+            self._run(session, run_id)
+            rows = session.scalars(select(table).where(table.run_id == run_id).order_by(order))
+            return [_as_dict(row) for row in rows]
+
+    @staticmethod
+    def _run(session: Session, run_id: int) -> TrainingRun:
+        run = session.get(TrainingRun, run_id)
+        if run is not None:
+            return run
+        newest = session.scalars(select(TrainingRun.id).order_by(TrainingRun.id.desc()).limit(10)).all()
+        total = session.scalar(select(func.count()).select_from(TrainingRun))
+        if not newest:
+            raise UnknownRunError(f"no run with id {run_id!r}: the database has no runs yet")
+        more = f" (newest 10 of {total})" if total > len(newest) else ""
+        raise UnknownRunError(f"no run with id {run_id!r}; existing ids{more}: {', '.join(map(str, newest))}")

@@ -1,0 +1,143 @@
+"""The four tables that record training runs, as SQLAlchemy 2.0 declarative models.
+
+Schema changes go through migrations later; until then `Base.metadata.create_all` builds these.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+RUN_STATUSES = ("running", "completed", "failed", "interrupted")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp that goes in and comes out as timezone-aware UTC on every backend.
+
+    SQLite has no timezone type and hands back naive datetimes, while PostgreSQL's timestamptz comes
+    back in the session's time zone; normalising here keeps callers from ever comparing naive with
+    aware values.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"timestamp {value.isoformat()} has no time zone; pass an aware datetime (UTC)")
+        value = value.astimezone(timezone.utc)
+        # SQLite would store the offset as text and compare strings; store naive UTC instead.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, datetime: UTCDateTime}
+
+
+class TrainingRun(Base):
+    """One training run: what was trained, how it went, and its headline final metrics."""
+
+    __tablename__ = "training_runs"
+    __table_args__ = (
+        CheckConstraint(
+            "status IN (" + ", ".join(f"'{s}'" for s in RUN_STATUSES) + ")",
+            name="training_runs_status_valid",
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    status: Mapped[str] = mapped_column(String(16))
+    started_at: Mapped[datetime]
+    ended_at: Mapped[datetime | None]
+    model: Mapped[str] = mapped_column(String(512))
+    hook: Mapped[str] = mapped_column(String(256))
+    layer: Mapped[int | None] = mapped_column(Integer)
+    architecture: Mapped[str] = mapped_column(String(128))
+    d_in: Mapped[int | None] = mapped_column(Integer)
+    d_sae: Mapped[int | None] = mapped_column(Integer)
+    # Activation vectors seen in training; passes 2**31 on long runs, hence BigInteger.
+    n_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    config: Mapped[dict[str, Any]]
+    metrics: Mapped[dict[str, Any] | None]
+    mse: Mapped[float | None] = mapped_column(Float)
+    fvu: Mapped[float | None] = mapped_column(Float)
+    l0: Mapped[float | None] = mapped_column(Float)
+    dead_frac: Mapped[float | None] = mapped_column(Float)
+    output_dir: Mapped[str] = mapped_column(String(1024))
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class EpochMetric(Base):
+    """The metrics logged at the end of one epoch of one run."""
+
+    __tablename__ = "epoch_metrics"
+    __table_args__ = (UniqueConstraint("run_id", "epoch", name="epoch_metrics_run_epoch"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("training_runs.id", ondelete="CASCADE"), index=True)
+    epoch: Mapped[int] = mapped_column(Integer)
+    step: Mapped[int] = mapped_column(Integer)
+    metrics: Mapped[dict[str, Any]]
+    recorded_at: Mapped[datetime] = mapped_column(default=utc_now)
+
+
+class DiscoveredFeature(Base):
+    """Firing statistics of one SAE latent after training."""
+
+    __tablename__ = "discovered_features"
+    __table_args__ = (UniqueConstraint("run_id", "feature_index", name="discovered_features_run_index"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("training_runs.id", ondelete="CASCADE"), index=True)
+    feature_index: Mapped[int] = mapped_column(Integer)
+    # Fraction of tokens on which the latent fires.
+    frequency: Mapped[float | None] = mapped_column(Float)
+    # Mean over the tokens where it fires; undefined (NULL) for a latent that never fires.
+    mean_activation: Mapped[float | None] = mapped_column(Float)
+    max_activation: Mapped[float | None] = mapped_column(Float)
+    is_dead: Mapped[bool] = mapped_column(Boolean)
+
+
+class SAEModel(Base):
+    """A saved SAE checkpoint produced by a run."""
+
+    __tablename__ = "sae_models"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("training_runs.id", ondelete="CASCADE"), index=True)
+    path: Mapped[str] = mapped_column(String(1024))
+    d_in: Mapped[int] = mapped_column(Integer)
+    d_sae: Mapped[int] = mapped_column(Integer)
+    architecture: Mapped[str] = mapped_column(String(128))
+    checksum: Mapped[str] = mapped_column(String(64))  # sha256 hex digest of the weights file
+    created_at: Mapped[datetime] = mapped_column(default=utc_now)
