@@ -5,14 +5,11 @@ from __future__ import annotations
 import math
 import os
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
-from urllib.parse import quote
 
 import numpy as np
 import pytest
-from sqlalchemy import create_engine, text
 
 from midisc.store import Store, StoreError, UnknownRunError, default_db_url, redact_url
 
@@ -23,30 +20,6 @@ CHECKSUM = "ab" * 32
 @pytest.fixture
 def sqlite_url(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'runs.db'}"
-
-
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A URL whose connections see only a fresh schema, dropped afterwards.
-
-    A schema per test (rather than dropping tables at teardown) also keeps these tests apart from
-    anything else using the same database at the same time. The session time zone is set far from
-    UTC so the tests prove timestamps are normalised rather than merely stored in UTC.
-    """
-    if not POSTGRES_URL:
-        pytest.skip("set MIDISC_TEST_POSTGRES_URL to run the store tests on PostgreSQL")
-    schema = f"midisc_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(POSTGRES_URL)
-    with admin.begin() as connection:
-        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
-    options = quote(f"-csearch_path={schema} -ctimezone=America/New_York")
-    separator = "&" if "?" in POSTGRES_URL else "?"
-    try:
-        yield f"{POSTGRES_URL}{separator}options={options}"
-    finally:
-        with admin.begin() as connection:
-            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

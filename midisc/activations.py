@@ -1,0 +1,214 @@
+"""The activation stream: hooked forwards, token filtering, a shuffling buffer, and a cache.
+
+Epoch 1 runs the language model over the packed contexts and writes every kept activation vector to
+the cache while the shuffling buffer feeds the SAE; later epochs read the cache back in a fresh random
+order and never run the language model again.
+
+Which tokens are kept matters more than it looks: in SmolLM2's residual stream position 0, every
+separator and a few other tokens have norms of 1e3–2.6e4 where typical tokens have 128–320; together
+they carry ~70 % of the squared norm, so leaving them in makes MSE and FVU measure those few tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset
+from tqdm.auto import tqdm
+
+from midisc.lm import capture
+
+STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def keep_mask(tokens: torch.Tensor, special_ids: Iterable[int]) -> torch.Tensor:
+    """[B, T] bool: False at position 0 and at special tokens (separators, BOS, padding)."""
+    keep = ~torch.isin(tokens, torch.tensor(sorted(set(special_ids)), dtype=tokens.dtype, device=tokens.device))
+    keep[:, 0] = False
+    return keep
+
+
+def filter_activations(acts: torch.Tensor, keep: torch.Tensor, outlier_factor: float | None) -> torch.Tensor:
+    """acts [B, T, d] -> [n, d]: the kept tokens, minus norm outliers (> outlier_factor × median norm)."""
+    kept = acts[keep.to(acts.device)]
+    if outlier_factor and len(kept):
+        norms = kept.float().norm(dim=-1)
+        kept = kept[norms <= outlier_factor * norms.median()]
+    return kept
+
+
+def harvest(model, module, contexts: torch.Tensor, *, special_ids: Iterable[int], batch_contexts: int = 32,
+            outlier_factor: float | None = 4.0, store_dtype: str = "float32",
+            progress: str | None = None) -> Iterator[torch.Tensor]:
+    """Run `model` up to `module` over contexts [N, T]; yield filtered activation chunks [n, d] on the CPU."""
+    special = sorted(set(special_ids))
+    starts = range(0, len(contexts), batch_contexts)
+    for start in tqdm(starts, desc=progress, unit="batch", disable=progress is None, leave=False):
+        tokens = contexts[start:start + batch_contexts]
+        with torch.inference_mode():
+            acts = capture(model, module, tokens)
+            kept = filter_activations(acts, keep_mask(tokens, special), outlier_factor)
+        # Cloning outside inference mode gives an ordinary tensor that autograd may use later.
+        yield kept.to("cpu", STORE_DTYPES[store_dtype]).clone()
+
+
+def shuffled_batches(chunks: Iterable[torch.Tensor], batch_size: int, buffer_size: int,
+                     generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Mix chunks in a buffer and yield batches [batch_size, d]; the last partial batch is dropped.
+
+    Each time the buffer holds `buffer_size` rows it is permuted and all but half are emitted, so a batch
+    draws from many contexts rather than from the few a single forward produced.
+    """
+    buffer_size = max(buffer_size, 2 * batch_size)
+    pool: list[torch.Tensor] = []
+    held = 0
+    for chunk in chunks:
+        pool.append(chunk)
+        held += len(chunk)
+        if held < buffer_size:
+            continue
+        rows = torch.cat(pool)
+        rows = rows[torch.randperm(len(rows), generator=generator)]
+        emit = (len(rows) - buffer_size // 2) // batch_size * batch_size
+        for start in range(0, emit, batch_size):
+            yield rows[start:start + batch_size]
+        pool, held = [rows[emit:]], len(rows) - emit
+    if held >= batch_size:
+        rows = torch.cat(pool)
+        rows = rows[torch.randperm(len(rows), generator=generator)]
+        for start in range(0, len(rows) - batch_size + 1, batch_size):
+            yield rows[start:start + batch_size]
+
+
+class MemoryCache:
+    """Activation vectors kept in RAM: fastest, bounded by memory (262k × 576 floats ≈ 600 MB)."""
+
+    def __init__(self) -> None:
+        self.rows: torch.Tensor | None = None
+        self._parts: list[torch.Tensor] = []
+        self.complete = False
+
+    def reset(self) -> None:
+        self.rows, self._parts, self.complete = None, [], False
+
+    def append(self, chunk: torch.Tensor) -> None:
+        self._parts.append(chunk)
+
+    def finish(self) -> None:
+        self.rows = torch.cat(self._parts) if self._parts else torch.empty(0)
+        self._parts, self.complete = [], True
+
+    def __len__(self) -> int:
+        return len(self.rows) if self.complete else sum(len(p) for p in self._parts)
+
+    def block(self, start: int, stop: int) -> torch.Tensor:
+        return self.rows[start:stop]
+
+
+class DiskCache:
+    """Activation vectors in one raw file under `folder`, published atomically when complete.
+
+    Rows are appended to `acts.bin.partial`; `finish` writes `meta.json` and renames, so a cache that was
+    cut off half-way is never mistaken for a complete one. Reads go through a memory map.
+    """
+
+    def __init__(self, folder: str | Path, d: int | None = None, dtype: str = "float32") -> None:
+        self.folder = Path(folder)
+        self.dtype = dtype
+        self._file = None
+        self._map = None
+        meta = self.folder / "meta.json"
+        self.complete = meta.is_file() and (self.folder / "acts.bin").is_file()
+        self.n_rows, self.d = 0, d
+        if self.complete:
+            info = json.loads(meta.read_text())
+            self.n_rows, self.d, self.dtype = info["rows"], info["d"], info["dtype"]
+
+    def reset(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.folder / "acts.bin.partial", "wb")
+        self.n_rows, self.complete, self._map = 0, False, None
+
+    def append(self, chunk: torch.Tensor) -> None:
+        self.d = chunk.shape[1]
+        # bfloat16 has no numpy type: its bits travel as int16.
+        bits = chunk.view(torch.int16) if chunk.dtype == torch.bfloat16 else chunk
+        self._file.write(bits.contiguous().numpy().tobytes())
+        self.n_rows += len(chunk)
+
+    def finish(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.folder / "acts.bin.partial", self.folder / "acts.bin")
+        meta = {"rows": self.n_rows, "d": self.d, "dtype": self.dtype}
+        tmp = self.folder / "meta.json.partial"
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, self.folder / "meta.json")
+        self.complete = True
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    def block(self, start: int, stop: int) -> torch.Tensor:
+        if self._map is None:
+            np_dtype = np.int16 if self.dtype == "bfloat16" else np.float32
+            self._map = np.memmap(self.folder / "acts.bin", dtype=np_dtype, mode="r", shape=(self.n_rows, self.d))
+        rows = torch.from_numpy(np.array(self._map[start:stop]))
+        return rows.view(torch.bfloat16) if self.dtype == "bfloat16" else rows
+
+
+def cache_key(**producer) -> str:
+    """A short hash of everything that determines the activations (model, hook, data, context, filters)."""
+    return hashlib.sha256(json.dumps(producer, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class ActivationStream(IterableDataset):
+    """Batches of activation vectors [batch_size, d] for the SAE; one iteration is one epoch."""
+
+    def __init__(self, harvest_chunks: Callable[[], Iterator[torch.Tensor]], cache: MemoryCache | DiskCache, *,
+                 batch_size: int, buffer_size: int, expected_rows: int, seed: int = 0,
+                 block_rows: int = 4096) -> None:
+        self.harvest_chunks = harvest_chunks
+        self.cache = cache
+        self.batch_size = batch_size
+        self.buffer_size = buffer_size
+        self.expected_rows = expected_rows  # an upper bound before harvesting: kept positions of the contexts
+        self.block_rows = block_rows
+        self.seed = seed
+        self.epoch = 0
+        self.reused_cache = cache.complete  # a complete disk cache from an earlier run with the same producer
+
+    def _harvest_into_cache(self) -> Iterator[torch.Tensor]:
+        self.cache.reset()
+        for chunk in self.harvest_chunks():
+            self.cache.append(chunk)
+            yield chunk
+        self.cache.finish()
+
+    def _cached_chunks(self, generator: torch.Generator) -> Iterator[torch.Tensor]:
+        # Blocks in random order, then the buffer permutes rows across blocks: reads stay sequential on disk.
+        starts = torch.arange(0, len(self.cache), self.block_rows)
+        for start in starts[torch.randperm(len(starts), generator=generator)].tolist():
+            yield self.cache.block(start, min(start + self.block_rows, len(self.cache)))
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        self.epoch += 1
+        chunks = self._cached_chunks(generator) if self.cache.complete else self._harvest_into_cache()
+        yield from shuffled_batches(chunks, self.batch_size, self.buffer_size, generator)
+
+    def __len__(self) -> int:
+        rows = len(self.cache) if self.cache.complete else self.expected_rows
+        return max(rows // self.batch_size, 1)
+
+    @property
+    def n_rows(self) -> int:
+        """Activation vectors in one epoch (known once the first epoch has run)."""
+        return len(self.cache)

@@ -1,0 +1,251 @@
+"""`python -m midisc.train`: compose the config, train an SAE on one layer, record the run.
+
+    python -m midisc.train                                  # bundled SmolLM2, BBC News, SQLite
+    python -m midisc.train sae.expansion=16 layer=24
+    python -m midisc.train -m sae.k=16,32 layer=8,16        # a sweep: one database run per job
+    python -m midisc.train experiment=seed_phi2
+
+Order of work: check the config, open the database, check the hook against the model's architecture,
+and only then load weights, so mistakes cost seconds. A run that fails after it was recorded is marked
+failed (Ctrl-C: interrupted) with the error text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from dotenv import load_dotenv
+from lightning.pytorch.callbacks import TQDMProgressBar
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from midisc import corpus, lm
+from midisc.activations import ActivationStream, DiskCache, MemoryCache, cache_key, harvest, keep_mask
+from midisc.callbacks import RunRecorder
+from midisc.corpus import CorpusError
+from midisc.lm import ModelError
+from midisc.metrics import evaluate
+from midisc.module import SAEModule
+from midisc.store import Store, StoreError, redact_url
+from midisc.validate import ConfigError, check_config
+
+USER_ERRORS = (ConfigError, ModelError, CorpusError, StoreError)
+
+
+def short_dirname(name: str, limit: int = 120) -> str:
+    """A sweep job's folder name: the overrides, or a readable prefix plus a hash when too long for a file name."""
+    if len(name) <= limit:
+        return name
+    return f"{name[: limit - 17]}-{hashlib.sha1(name.encode()).hexdigest()[:16]}"
+
+
+OmegaConf.register_new_resolver("midisc.dirname", short_dirname, replace=True)
+
+
+@dataclass
+class Result:
+    run_id: int | None
+    output_dir: Path
+    sae_dir: Path
+    metrics: dict[str, float]
+    seconds: float
+    sae: torch.nn.Module
+
+
+def recorded_config(cfg: DictConfig) -> dict:
+    """The resolved config as plain data, database password hidden."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    if data.get("storage", {}).get("url"):
+        data["storage"]["url"] = redact_url(data["storage"]["url"])
+    return data
+
+
+def special_token_ids(tokenizer, separator: str | None) -> tuple[int, list[int]]:
+    """(separator id, ids never trained on): the separator, every special token, padding."""
+    if separator is not None:
+        sep = tokenizer.get_vocab().get(separator)
+        if sep is None:
+            raise ConfigError(f"model.separator={separator!r} is not a token of this tokenizer")
+    else:
+        sep = tokenizer.eos_token_id
+        if sep is None:
+            raise ConfigError("this tokenizer has no EOS token; name a separator token with model.separator=...")
+    return sep, sorted({sep, *tokenizer.all_special_ids})
+
+
+def load_corpus(cfg: DictConfig) -> tuple[list[str], list[str]]:
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    holdout, seed = data.pop("holdout_texts"), cfg.seed
+    # Read just enough of a streamed dataset; local sources are read whole, then split by document.
+    limit = cfg.max_samples + holdout if data["source"] == "hf" else None
+    texts = corpus.load_texts(data.pop("source"), max_texts=limit, **data)
+    train_texts, heldout_texts = corpus.split_texts(texts, holdout, seed)
+    return train_texts[: cfg.max_samples], heldout_texts
+
+
+def make_cache(cfg: DictConfig, producer: dict) -> MemoryCache | DiskCache:
+    if cfg.activations.cache == "memory":
+        return MemoryCache()
+    folder = Path(cfg.activations.cache_dir) / cache_key(**producer)
+    return DiskCache(folder, dtype=cfg.activations.dtype)
+
+
+def make_loggers(cfg: DictConfig, output_dir: Path) -> list:
+    if "wandb" in cfg.logger and not os.environ.get("WANDB_API_KEY"):
+        os.environ.setdefault("WANDB_MODE", "offline")  # files in the run folder; `wandb sync` uploads later
+    return [instantiate(conf, save_dir=str(output_dir)) for conf in cfg.logger.values()]
+
+
+def train(cfg: DictConfig, output_dir: Path) -> Result:
+    started = time.time()
+    check_config(cfg)
+    train_texts, heldout_texts = load_corpus(cfg)
+    store = Store(cfg.storage.url) if cfg.storage.url else None
+
+    m = cfg.model
+    source = lm.model_source(m.name, m.gguf_package, m.gguf_file)
+    hf_config = lm.load_config(source)
+    hook = lm.resolve_hook(hf_config, layer=cfg.layer, site=m.site, hooks=dict(m.hooks), hook=m.hook)
+    if "k" in cfg.sae and m.hook is None:  # the standard sites all output hidden_size
+        width = cfg.sae.expansion * hf_config.hidden_size
+        if cfg.sae.k > width:
+            raise ConfigError(f"sae.k={cfg.sae.k} is larger than the SAE width {width} (expansion "
+                              f"{cfg.sae.expansion} x d_in {hf_config.hidden_size}); choose 1 <= k <= {width}")
+    L.seed_everything(cfg.seed, verbose=False)
+
+    run_id = None
+    if store:
+        run_id = store.start_run(model=m.name, hook=hook, layer=None if m.hook else cfg.layer,
+                                 architecture=get_class(cfg.sae._target_).architecture, config=recorded_config(cfg),
+                                 output_dir=str(output_dir))
+    try:
+        result = _fit(cfg, output_dir, store, run_id, hook, train_texts, heldout_texts)
+    except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into SystemExit(1)
+        if store:
+            store.finish_run(run_id, "interrupted", error="interrupted by the user (Ctrl-C)")
+        raise
+    except BaseException as err:
+        if store:
+            store.finish_run(run_id, "failed", error="".join(traceback.format_exception(err))[-8000:])
+        raise
+    result.seconds = time.time() - started
+    if store:
+        store.finish_run(run_id, "completed", metrics=result.metrics)
+        store.close()
+    return result
+
+
+def _fit(cfg: DictConfig, output_dir: Path, store: Store | None, run_id: int | None, hook: str,
+         train_texts: list[str], heldout_texts: list[str]) -> Result:
+    m, acts = cfg.model, cfg.activations
+    loaded = lm.load_model(m.name, gguf_package=m.gguf_package, gguf_file=m.gguf_file, dtype=m.dtype,
+                           device_map=m.device_map)
+    module = dict(loaded.model.named_modules())[hook]
+    separator, special = special_token_ids(loaded.tokenizer, m.separator)
+    bos = loaded.tokenizer.bos_token_id if m.prepend_bos else None
+    train_ctx = corpus.pack(train_texts, loaded.tokenizer, cfg.context_size, separator, bos)
+    heldout_ctx = corpus.pack(heldout_texts, loaded.tokenizer, cfg.context_size, separator, bos)
+
+    def harvest_from(contexts, progress=None):
+        return harvest(loaded.model, module, contexts, special_ids=special, batch_contexts=acts.lm_batch_size,
+                       outlier_factor=acts.outlier_factor, store_dtype=acts.dtype, progress=progress)
+
+    heldout = torch.cat(list(harvest_from(heldout_ctx, "held-out activations")))
+    expected = int(keep_mask(train_ctx, special).sum())
+    if expected < cfg.batch_size:
+        raise ConfigError(f"the {len(train_ctx)} training contexts give at most {expected} activation vectors, "
+                          f"fewer than one batch of batch_size={cfg.batch_size}; raise max_samples or lower batch_size")
+    try:
+        sae = instantiate(cfg.sae, d_in=heldout.shape[1], seed=cfg.seed)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if store:
+        store.update_run(run_id, d_in=sae.d_in, d_sae=sae.d_sae)
+
+    producer = dict(model=m.name, gguf=m.gguf_file, hook=hook, data=OmegaConf.to_container(cfg.data),
+                    max_samples=cfg.max_samples, seed=cfg.seed, context_size=cfg.context_size, separator=m.separator,
+                    bos=m.prepend_bos, outlier_factor=acts.outlier_factor, dtype=acts.dtype, model_dtype=m.dtype)
+    stream = ActivationStream(lambda: harvest_from(train_ctx), make_cache(cfg, producer),
+                              batch_size=cfg.batch_size, buffer_size=acts.buffer_size, expected_rows=expected,
+                              seed=cfg.seed)
+    heldout_batches = list(heldout.split(cfg.batch_size))
+    sae_dir = output_dir / "sae"
+    metadata = {"model_name": m.name, "hook_name": hook, "hook_head_index": None, "context_size": cfg.context_size,
+                "prepend_bos": bool(m.prepend_bos), "dataset_path": _dataset_name(cfg), "seqpos_slice": [1, None],
+                "exclude_special_tokens": True}
+    recorder = RunRecorder(store, run_id, sae_dir, heldout_batches, metadata)
+    module_ = SAEModule(sae, instantiate(cfg.optimizer), b_dec_init=cfg.b_dec_init, dead_window=cfg.dead_window)
+    callbacks: list[L.Callback] = [recorder]
+    if cfg.trainer.enable_progress_bar:
+        callbacks.append(TQDMProgressBar())  # Rich's bar draws nothing when output is not a terminal (CI, logs)
+    trainer = instantiate(cfg.trainer, default_root_dir=str(output_dir), logger=make_loggers(cfg, output_dir) or False,
+                          callbacks=callbacks)
+    trainer.fit(module_, train_dataloaders=DataLoader(stream, batch_size=None),
+                val_dataloaders=DataLoader(heldout_batches, batch_size=None))
+    if trainer.interrupted:
+        raise KeyboardInterrupt
+    final = evaluate(module_.sae, heldout_batches)
+    final.update(dead_frac=float(module_.dead_frac()), n_tokens=float(stream.n_rows),
+                 alive_features=float(sae.d_sae - int((module_.tokens_since_fired >= cfg.dead_window).sum())))
+    if store:
+        store.update_run(run_id, n_tokens=stream.n_rows)
+    return Result(run_id=run_id, output_dir=output_dir, sae_dir=sae_dir, metrics=final, seconds=0.0, sae=module_.sae)
+
+
+def _dataset_name(cfg: DictConfig) -> str:
+    data = cfg.data
+    return {"bundled": f"{data.get('package')}/{data.get('subdir')}", "local": str(data.get("path")),
+            "hf": str(data.get("name"))}.get(data.source, data.source)
+
+
+def summary(result: Result, db_url: str | None) -> str:
+    m = result.metrics
+    minutes, seconds = divmod(int(result.seconds), 60)
+    head = f"run {result.run_id} completed" if result.run_id is not None else "run completed (storage=none)"
+    lines = [f"{head} in {minutes}m{seconds:02d}s",
+             f"  run folder: {result.output_dir}",
+             f"  SAE:        {result.sae_dir}",
+             f"  database:   {redact_url(db_url) if db_url else 'none'}",
+             f"  held-out:   MSE {m['mse']:.4g}  FVU {m['fvu']:.3f}  L0 {m['l0']:.1f}  "
+             f"dead {100 * m['dead_frac']:.1f}% ({int(m['alive_features'])} features alive)",
+             f"  trained on: {int(m['n_tokens']):,} activation vectors per epoch"]
+    return "\n".join(lines)
+
+
+def quiet_lightning() -> None:
+    """Keep the console to the progress bar and our summary: Lightning's banners and tips say nothing here."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    # The stream's length is exact up to dropped norm outliers, and it runs in the main process.
+    warnings.filterwarnings("ignore", message=".*IterableDataset.*has `__len__` defined.*")
+    warnings.filterwarnings("ignore", message=".*treespec.*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    quiet_lightning()
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        result = train(cfg, output_dir)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(summary(result, cfg.storage.url))
+
+
+if __name__ == "__main__":
+    load_dotenv(Path.cwd() / ".env")  # POSTGRES_* and MIDISC_DB_URL may live in a .env file
+    main()

@@ -1,0 +1,88 @@
+import pytest
+import torch
+
+from midisc import lm
+from midisc.activations import (ActivationStream, DiskCache, MemoryCache, cache_key, filter_activations, harvest,
+                                keep_mask, shuffled_batches)
+
+
+def test_keep_mask_drops_position_zero_and_special_tokens():
+    tokens = torch.tensor([[5, 6, 0, 7], [0, 8, 9, 1]])
+    assert keep_mask(tokens, [0, 1]).tolist() == [[False, True, False, True], [False, True, True, False]]
+
+
+def test_norm_outliers_are_dropped():
+    acts = torch.ones(1, 6, 4)
+    acts[0, 3] *= 1000  # a token with a huge norm, like SmolLM2's separators
+    keep = torch.ones(1, 6, dtype=torch.bool)
+    assert len(filter_activations(acts, keep, outlier_factor=4.0)) == 5
+    assert len(filter_activations(acts, keep, outlier_factor=None)) == 6
+
+
+def test_harvest_equals_hidden_states_without_first_positions_and_specials(tiny_llama):
+    loaded = lm.load_model(str(tiny_llama), device_map=None)
+    sep = loaded.tokenizer.eos_token_id
+    contexts = torch.randint(3, 200, (5, 10))
+    contexts[1, 4] = sep
+    chunks = list(harvest(loaded.model, loaded.model.model.layers[1], contexts, special_ids=[sep],
+                          batch_contexts=2, outlier_factor=None))
+    got = torch.cat(chunks)
+    with torch.no_grad():
+        hidden = loaded.model(contexts, output_hidden_states=True).hidden_states[2]
+    keep = torch.ones(5, 10, dtype=torch.bool)
+    keep[:, 0] = False
+    keep[1, 4] = False
+    torch.testing.assert_close(got, hidden[keep])
+    assert len(got) == 5 * 9 - 1
+    assert not got.is_inference()  # usable by autograd later
+
+
+def test_shuffled_batches_keep_every_row_but_the_tail_and_mix_chunks():
+    chunks = [torch.full((10, 1), float(i)) for i in range(20)]  # each chunk is one "context"
+    batches = list(shuffled_batches(chunks, batch_size=8, buffer_size=64, generator=torch.Generator().manual_seed(0)))
+    assert all(b.shape == (8, 1) for b in batches)
+    assert len(batches) == 200 // 8
+    first = batches[0].flatten()
+    assert len(set(first.tolist())) > 3  # a batch draws from many contexts, not one
+    seen = torch.cat(batches).flatten()
+    assert torch.bincount(seen.long(), minlength=20).max() <= 10  # no row appears twice
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_disk_cache_round_trip_and_atomic_publish(tmp_path, dtype):
+    torch_dtype = torch.float32 if dtype == "float32" else torch.bfloat16
+    rows = torch.randn(50, 6).to(torch_dtype)
+    cache = DiskCache(tmp_path / "c", dtype=dtype)
+    cache.reset()
+    cache.append(rows[:20])
+    assert not DiskCache(tmp_path / "c").complete  # half-written: never read as complete
+    cache.append(rows[20:])
+    cache.finish()
+    reopened = DiskCache(tmp_path / "c")
+    assert reopened.complete and len(reopened) == 50
+    assert torch.equal(torch.cat([reopened.block(0, 32), reopened.block(32, 50)]), rows)
+
+
+def test_cache_key_depends_on_every_producer_field():
+    base = dict(model="m", hook="h", layer=1)
+    assert cache_key(**base) == cache_key(**dict(base))
+    assert cache_key(**base) != cache_key(**{**base, "layer": 2})
+
+
+@pytest.mark.parametrize("make_cache", [lambda p: MemoryCache(), lambda p: DiskCache(p / "disk")])
+def test_stream_harvests_once_then_reads_the_cache(tmp_path, make_cache):
+    calls = []
+
+    def source():
+        calls.append(1)
+        for i in range(10):
+            yield torch.randn(30, 4) + i
+
+    stream = ActivationStream(source, make_cache(tmp_path), batch_size=16, buffer_size=64, expected_rows=300, seed=0)
+    assert len(stream) == 300 // 16
+    epoch1 = torch.cat(list(stream))
+    epoch2 = torch.cat(list(stream))
+    assert calls == [1]  # the language model ran in epoch 1 only
+    assert stream.n_rows == 300
+    assert len(epoch1) == len(epoch2) == 18 * 16
+    assert not torch.equal(epoch1, epoch2)  # a fresh order each epoch

@@ -1,0 +1,153 @@
+"""End to end: the real entry point on tiny random models, in-process and as a user runs it."""
+
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import open_dict
+
+from conftest import compose_config, run_cli, tiny_overrides
+from midisc import train as train_mod
+from midisc.callbacks import sha256
+from midisc.lm import ModelError
+from midisc.sae import WEIGHTS_FILENAME, load_sae
+from midisc.store import Store, StoreError
+from midisc.train import train
+from midisc.validate import ConfigError
+
+
+def run_tiny(tmp_path, model_dir, texts, *extra, model="tiny_llama", sae=("sae.k=8",), db_url=None):
+    db = tmp_path / "runs.db"
+    cfg = compose_config(tiny_overrides(model_dir, texts, db, model, sae) + list(extra))
+    if db_url:
+        with open_dict(cfg):
+            cfg.storage.url = db_url
+    return train(cfg, tmp_path / "out"), db_url or f"sqlite:///{db}"
+
+
+def check_recorded(url, result, epochs=2):
+    store = Store(url)
+    run = store.get_run(result.run_id)
+    assert run["status"] == "completed" and run["ended_at"] > run["started_at"]
+    assert run["fvu"] == pytest.approx(result.metrics["fvu"]) and run["config"]["layer"] == run["layer"]
+    assert [e["epoch"] for e in store.epoch_metrics(result.run_id)] == list(range(epochs))
+    assert all("val/fvu" in e["metrics"] for e in store.epoch_metrics(result.run_id))
+    features = store.features(result.run_id)
+    assert len(features) == result.sae.d_sae == run["d_sae"]
+    (model,) = store.sae_models(result.run_id)
+    assert model["checksum"] == sha256(Path(model["path"]) / WEIGHTS_FILENAME)
+    store.close()
+    return run
+
+
+def test_tiny_llama_run_is_recorded_and_reloads_identically(tmp_path, tiny_llama, text_folder):
+    result, url = run_tiny(tmp_path, tiny_llama, text_folder)
+    run = check_recorded(url, result)
+    assert run["hook"] == "model.layers.1" and run["architecture"] == "topk" and run["n_tokens"] > 0
+    assert result.metrics["fvu"] < 0.6 and result.metrics["l0"] <= 8
+    x = torch.randn(64, result.sae.d_in)
+    reloaded = load_sae(result.sae_dir)
+    assert torch.equal(reloaded(x).x_hat, result.sae(x).x_hat)
+
+
+def test_tiny_phi_relu_on_the_seed_hook(tmp_path, tiny_phi, text_folder):
+    result, url = run_tiny(tmp_path, tiny_phi, text_folder, model="tiny_phi", sae=("sae=relu", "sae.l1_coef=1e-4"))
+    run = check_recorded(url, result)
+    assert run["hook"] == "model.layers.1.mlp.fc2" and run["architecture"] == "standard"
+
+
+def test_disk_cache_is_written_and_reused(tmp_path, tiny_llama, text_folder):
+    extra = ("activations.cache=disk", f"activations.cache_dir={tmp_path / 'cache'}")
+    first, _ = run_tiny(tmp_path, tiny_llama, text_folder, *extra)
+    (folder,) = (tmp_path / "cache").iterdir()
+    assert (folder / "meta.json").is_file()
+    second, _ = run_tiny(tmp_path, tiny_llama, text_folder, *extra)
+    assert second.metrics["n_tokens"] == first.metrics["n_tokens"]
+
+
+@pytest.mark.parametrize("extra, error, message", [
+    (("layer=7",), ModelError, "layer=7 is out of range: this model has 3 blocks, valid layers are 0..2"),
+    (("model.site=resid_pre",), ModelError, "valid sites: resid, mlp, attn"),
+    (("sae.k=500",), ConfigError, "sae.k=500 is larger than the SAE width 128"),
+    (("data.path=/no/such/texts",), Exception, "data.path='/no/such/texts' is not a folder"),
+    (("storage.url=postgresql+psycopg2://me:s3cret@127.0.0.1:1/db",), StoreError, "127.0.0.1"),
+    (("batch_size=100000",), ConfigError, "fewer than one batch of batch_size=100000"),
+])
+def test_bad_input_fails_with_one_line(tmp_path, tiny_llama, text_folder, extra, error, message):
+    with pytest.raises(error) as info:
+        run_tiny(tmp_path, tiny_llama, text_folder, *extra)
+    assert message in str(info.value) and "\n" not in str(info.value) and "s3cret" not in str(info.value)
+
+
+def test_a_crash_marks_the_run_failed_with_the_error(tmp_path, tiny_llama, text_folder, monkeypatch):
+    def boom(self, batch, batch_idx):
+        raise RuntimeError("simulated crash in the training step")
+
+    monkeypatch.setattr(train_mod.SAEModule, "training_step", boom)
+    with pytest.raises(RuntimeError):
+        run_tiny(tmp_path, tiny_llama, text_folder)
+    (run,) = Store(f"sqlite:///{tmp_path / 'runs.db'}").list_runs()
+    assert run["status"] == "failed" and "simulated crash" in run["error"] and run["ended_at"]
+
+
+def test_ctrl_c_marks_the_run_interrupted(tmp_path, tiny_llama, text_folder, monkeypatch):
+    def interrupt(self, batch, batch_idx):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod.SAEModule, "training_step", interrupt)
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises((KeyboardInterrupt, SystemExit)):
+            run_tiny(tmp_path, tiny_llama, text_folder)
+    finally:
+        signal.signal(signal.SIGINT, previous)  # Lightning ignores SIGINT while shutting down
+    (run,) = Store(f"sqlite:///{tmp_path / 'runs.db'}").list_runs()
+    assert run["status"] == "interrupted"
+
+
+def test_postgres_run(tmp_path, tiny_llama, text_folder, postgres_url):
+    result, url = run_tiny(tmp_path, tiny_llama, text_folder, db_url=postgres_url)
+    check_recorded(url, result)
+
+
+def cli_args(tiny_llama, text_folder, db):
+    return ["midisc.train", *tiny_overrides(tiny_llama, text_folder, db)]
+
+
+def test_cli_single_run_prints_where_everything_is(tmp_path, tiny_llama, text_folder):
+    proc = run_cli(cli_args(tiny_llama, text_folder, tmp_path / "runs.db"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "run 1 completed" in proc.stdout and "FVU" in proc.stdout and "dead" in proc.stdout
+    sae_dir = Path(proc.stdout.split("SAE:")[1].split()[0])
+    assert (sae_dir / "cfg.json").is_file() and sae_dir.is_relative_to(tmp_path / "outputs")
+
+
+def test_cli_multirun_sweep_records_each_job(tmp_path, tiny_llama, text_folder):
+    db = tmp_path / "runs.db"
+    base = cli_args(tiny_llama, text_folder, db)
+    args = [base[0], "-m", *base[1:], "sae.k=4,8", "layer=0,1"]
+    proc = run_cli(args, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = Store(f"sqlite:///{db}").list_runs()
+    assert len(runs) == 4 and {r["status"] for r in runs} == {"completed"}
+    assert {(r["layer"], r["config"]["sae"]["k"]) for r in runs} == {(0, 4), (0, 8), (1, 4), (1, 8)}
+    (sweep,) = list((tmp_path / "multirun").glob("*/*"))
+    names = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert len(names) == 4 and all("/" not in n and "data.path" not in n for n in names)
+    for layer, k in [(0, 4), (0, 8), (1, 4), (1, 8)]:  # named after the overrides, paths left out
+        assert sum(f"layer={layer}," in n and n.endswith(f"sae.k={k}") for n in names) == 1
+
+
+def test_cli_error_is_one_line_without_traceback(tmp_path, tiny_llama, text_folder):
+    proc = run_cli(cli_args(tiny_llama, text_folder, tmp_path / "runs.db") + ["layer=9"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: layer=9 is out of range")
+
+
+def test_seed_phi2_fails_clearly_without_the_model(tmp_path):
+    proc = run_cli(["midisc.train", "experiment=seed_phi2", f"storage.url=sqlite:///{tmp_path / 'r.db'}"],
+                   cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "model 'microsoft/phi-2' is not available" in proc.stderr.strip().splitlines()[-1]
