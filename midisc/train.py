@@ -139,12 +139,16 @@ def train(cfg: DictConfig, output_dir: Path) -> Result:
         raise
     except BaseException as err:
         if store:
-            store.finish_run(run_id, "failed", error="".join(traceback.format_exception(err))[-8000:])
+            error = str(err) if isinstance(err, USER_ERRORS) else "".join(traceback.format_exception(err))
+            store.finish_run(run_id, "failed", error=error[-8000:])
         raise
-    result.seconds = time.time() - started
-    if store:
-        store.finish_run(run_id, "completed", metrics=result.metrics)
-        store.close()
+    else:
+        result.seconds = time.time() - started
+        if store:
+            store.finish_run(run_id, "completed", metrics=result.metrics)
+    finally:
+        if store:
+            store.close()
     return result
 
 
@@ -243,6 +247,9 @@ def main(cfg: DictConfig) -> None:
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: the run is marked interrupted in the database", file=sys.stderr)
+        sys.exit(130)
     print(summary(result, cfg.storage.url))
 
 

