@@ -28,6 +28,7 @@ import torch
 from dotenv import load_dotenv
 from lightning.pytorch.callbacks import TQDMProgressBar
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
@@ -96,6 +97,18 @@ def load_corpus(cfg: DictConfig) -> tuple[list[str], list[str]]:
     return train_texts[: cfg.max_samples], heldout_texts
 
 
+def build_sae(cfg: DictConfig, d_in: int, device: str = "cpu") -> torch.nn.Module:
+    """The configured SAE; its constructor's checks (k within the width, l1_coef >= 0…) become ConfigErrors."""
+    try:
+        with torch.device(device):
+            return instantiate(cfg.sae, d_in=d_in, seed=cfg.seed)
+    except InstantiationException as err:  # Hydra wraps the constructor's ValueError
+        cause = err.__cause__ if isinstance(err.__cause__, ValueError) else None
+        if cause is None:
+            raise
+        raise ConfigError(f"sae: {cause}") from None
+
+
 def make_cache(cfg: DictConfig, producer: dict) -> MemoryCache | DiskCache:
     if cfg.activations.cache == "memory":
         return MemoryCache()
@@ -119,11 +132,8 @@ def train(cfg: DictConfig, output_dir: Path) -> Result:
     source = lm.model_source(m.name, m.gguf_package, m.gguf_file)
     hf_config = lm.load_config(source)
     hook = lm.resolve_hook(hf_config, layer=cfg.layer, site=m.site, hooks=dict(m.hooks), hook=m.hook)
-    if "k" in cfg.sae and m.hook is None:  # the standard sites all output hidden_size
-        width = cfg.sae.expansion * hf_config.hidden_size
-        if cfg.sae.k > width:
-            raise ConfigError(f"sae.k={cfg.sae.k} is larger than the SAE width {width} (expansion "
-                              f"{cfg.sae.expansion} x d_in {hf_config.hidden_size}); choose 1 <= k <= {width}")
+    if m.hook is None:  # the standard sites all output hidden_size: the SAE's own checks can run now
+        build_sae(cfg, d_in=hf_config.hidden_size, device="meta")  # meta: no memory, no weights
     L.seed_everything(cfg.seed, verbose=False)
 
     run_id = None
@@ -172,10 +182,7 @@ def _fit(cfg: DictConfig, output_dir: Path, store: Store | None, run_id: int | N
     if expected < cfg.batch_size:
         raise ConfigError(f"the {len(train_ctx)} training contexts give at most {expected} activation vectors, "
                           f"fewer than one batch of batch_size={cfg.batch_size}; raise max_samples or lower batch_size")
-    try:
-        sae = instantiate(cfg.sae, d_in=heldout.shape[1], seed=cfg.seed)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+    sae = build_sae(cfg, d_in=heldout.shape[1])
     if store:
         store.update_run(run_id, d_in=sae.d_in, d_sae=sae.d_sae)
 

@@ -69,7 +69,7 @@ def test_disk_cache_is_written_and_reused(tmp_path, tiny_llama, text_folder):
 @pytest.mark.parametrize("extra, error, message", [
     (("layer=7",), ModelError, "layer=7 is out of range: this model has 3 blocks, valid layers are 0..2"),
     (("model.site=resid_pre",), ModelError, "valid sites: resid, mlp, attn"),
-    (("sae.k=500",), ConfigError, "sae.k=500 is larger than the SAE width 128"),
+    (("sae.k=500",), ConfigError, "k=500 is larger than the SAE width 128 (expansion 4 x d_in 32)"),
     (("data.path=/no/such/texts",), Exception, "data.path='/no/such/texts' is not a folder"),
     (("storage.url=postgresql+psycopg2://me:s3cret@127.0.0.1:1/db",), StoreError, "127.0.0.1"),
     (("batch_size=100000",), ConfigError, "fewer than one batch of batch_size=100000"),
