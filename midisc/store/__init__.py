@@ -1,4 +1,5 @@
-"""The SQL record of training runs: runs, per-epoch metrics, discovered features, saved SAEs.
+"""The SQL record of training runs: runs, per-epoch metrics, discovered features, saved SAEs, and what was
+found in them: example contexts per feature and features scored against concepts.
 
 Plain Python values go in and come out; the same code runs on SQLite and PostgreSQL.
 """

@@ -14,6 +14,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from midisc.store.engine import StoreError, driver_message, connect, parse_url
+from midisc.store.findings import FindingsMixin
 from midisc.store.tables import (
     RUN_STATUSES,
     Base,
@@ -21,6 +22,7 @@ from midisc.store.tables import (
     EpochMetric,
     SAEModel,
     TrainingRun,
+    as_dict,
     utc_now,
 )
 from midisc.store.values import finite_floats, finite_json, finite_or_none
@@ -39,12 +41,11 @@ class UnknownRunError(KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-def _as_dict(row: Base) -> dict[str, Any]:
-    return {column.key: getattr(row, column.key) for column in row.__table__.columns}
+class Store(FindingsMixin):
+    """The record of training runs in a SQL database (SQLite file or PostgreSQL server).
 
-
-class Store:
-    """The record of training runs in a SQL database (SQLite file or PostgreSQL server)."""
+    The writes and reads of feature examples and concept scores come from `FindingsMixin` (findings.py).
+    """
 
     def __init__(self, url: str) -> None:
         self._engine = connect(url)
@@ -228,10 +229,17 @@ class Store:
     def get_run(self, run_id: int) -> dict[str, Any]:
         """The run's row as a dict; UnknownRunError (a KeyError) listing existing ids if there is none."""
         with self._sessions() as session:
-            return _as_dict(self._run(session, run_id))
+            return as_dict(self._run(session, run_id))
 
-    def list_runs(self, status: str | None = None, model: str | None = None) -> list[dict[str, Any]]:
-        """Runs, newest first, optionally only those with the given status and/or model."""
+    def list_runs(
+        self, status: str | None = None, model: str | None = None, *, output_under: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Runs, newest first, optionally only those with the given status and/or model.
+
+        `output_under` keeps the runs whose output_dir starts with it, e.g. a Hydra multirun sweep folder;
+        it is a plain, case-sensitive prefix (% and _ mean themselves), and output_dir is
+        stored as the absolute path Hydra gave the run.
+        """
         if status is not None and status not in RUN_STATUSES:
             raise ValueError(f"run status {status!r} is not one of {', '.join(RUN_STATUSES)}")
         query = select(TrainingRun).order_by(TrainingRun.started_at.desc(), TrainingRun.id.desc())
@@ -239,8 +247,12 @@ class Store:
             query = query.where(TrainingRun.status == status)
         if model is not None:
             query = query.where(TrainingRun.model == model)
+        if output_under is not None:
+            # Compared as a substring, not with LIKE: SQLite's LIKE ignores case, and "_" or "%" in a
+            # folder name would need escaping to stop them acting as wildcards.
+            query = query.where(func.substr(TrainingRun.output_dir, 1, len(output_under)) == output_under)
         with self._sessions() as session:
-            return [_as_dict(run) for run in session.scalars(query)]
+            return [as_dict(run) for run in session.scalars(query)]
 
     def epoch_metrics(self, run_id: int) -> list[dict[str, Any]]:
         """The run's per-epoch metric rows, by epoch."""
@@ -260,7 +272,7 @@ class Store:
         with self._sessions() as session:
             self._run(session, run_id)
             rows = session.scalars(select(table).where(table.run_id == run_id).order_by(order))
-            return [_as_dict(row) for row in rows]
+            return [as_dict(row) for row in rows]
 
     @staticmethod
     def _run(session: Session, run_id: int) -> TrainingRun:

@@ -1,4 +1,4 @@
-"""The four tables that record training runs, as SQLAlchemy 2.0 declarative models.
+"""The six tables that record training runs and what was found in them, as SQLAlchemy 2.0 declarative models.
 
 Schema changes go through migrations later; until then `Base.metadata.create_all` builds these.
 """
@@ -16,6 +16,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -26,6 +27,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 RUN_STATUSES = ("running", "completed", "failed", "interrupted")
+# "top": the highest-activating contexts; "quantile": contexts sampled across the activation range.
+EXAMPLE_KINDS = ("top", "quantile")
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -62,6 +65,11 @@ def utc_now() -> datetime:
 
 class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, datetime: UTCDateTime}
+
+
+def as_dict(row: Base) -> dict[str, Any]:
+    """A row as {column: value}, the plain form every Store read returns."""
+    return {column.key: getattr(row, column.key) for column in row.__table__.columns}
 
 
 class TrainingRun(Base):
@@ -140,4 +148,53 @@ class SAEModel(Base):
     d_sae: Mapped[int] = mapped_column(Integer)
     architecture: Mapped[str] = mapped_column(String(128))
     checksum: Mapped[str] = mapped_column(String(64))  # sha256 hex digest of the weights file
+    created_at: Mapped[datetime] = mapped_column(default=utc_now)
+
+
+class FeatureExample(Base):
+    """One context window in which a feature fires: a top example or a sample from one activation quantile."""
+
+    __tablename__ = "feature_examples"
+    __table_args__ = (
+        CheckConstraint(
+            "kind IN (" + ", ".join(f"'{k}'" for k in EXAMPLE_KINDS) + ")",
+            name="feature_examples_kind_valid",
+        ),
+        UniqueConstraint("run_id", "feature_index", "kind", "rank", name="feature_examples_run_feature_kind_rank"),
+        Index("feature_examples_run_feature", "run_id", "feature_index"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("training_runs.id", ondelete="CASCADE"), index=True)
+    feature_index: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16))
+    rank: Mapped[int] = mapped_column(Integer)  # 0-based order within the feature and kind
+    activation: Mapped[float] = mapped_column(Float)  # the example's max activation
+    context_index: Mapped[int] = mapped_column(Integer)
+    token_index: Mapped[int] = mapped_column(Integer)  # position of the max token inside its context
+    max_token_index: Mapped[int] = mapped_column(Integer)  # position of the max token inside the stored window
+    tokens: Mapped[list[str]] = mapped_column(JSON)  # one string per token of the window
+    values: Mapped[list[float]] = mapped_column(JSON)  # the feature's activation on each token of the window
+
+
+class ConceptScore(Base):
+    """How well one feature separates texts of a concept from contrast texts (AUROC), ranked per concept."""
+
+    __tablename__ = "concept_scores"
+    __table_args__ = (
+        UniqueConstraint("run_id", "concept", "feature_index", name="concept_scores_run_concept_feature"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("training_runs.id", ondelete="CASCADE"), index=True)
+    concept: Mapped[str] = mapped_column(String(128))
+    feature_index: Mapped[int] = mapped_column(Integer)
+    rank: Mapped[int] = mapped_column(Integer)  # 0 = most selective
+    score: Mapped[float] = mapped_column(Float)  # AUROC of the feature's activation, concept vs contrast
+    mean_concept: Mapped[float] = mapped_column(Float)
+    mean_contrast: Mapped[float] = mapped_column(Float)
+    fire_rate_concept: Mapped[float] = mapped_column(Float)
+    fire_rate_contrast: Mapped[float] = mapped_column(Float)
+    n_concept: Mapped[int] = mapped_column(Integer)
+    n_contrast: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(default=utc_now)

@@ -2,7 +2,8 @@
 
 PostgreSQL rejects NaN inside JSON, SQLite would store it as text that later parses differently,
 and a NaN in a float column poisons every ORDER BY and AVG. So non-finite numbers become absent:
-dropped from JSON objects, null inside JSON lists (to keep positions), NULL in columns.
+dropped from JSON objects, null inside JSON lists (to keep positions), NULL in columns. Where a value
+may not be absent (an example's activations), `finite_float` and `finite_float_list` refuse it instead.
 """
 
 from __future__ import annotations
@@ -70,3 +71,29 @@ def finite_floats(values: Any, name: str) -> list[float | None]:
         else:
             out.append(finite_or_none(v, name))
     return out
+
+
+def finite_float(value: Any, name: str) -> float:
+    """`value` as a float; ValueError naming it when it is not a number, or is NaN or infinite."""
+    value = _as_python(value)
+    if type(value) is not float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+        value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} is {value}; it must be a finite number")
+    return value
+
+
+def finite_float_list(values: Any, name: str) -> list[float]:
+    """A sequence (list or array) of numbers as a list of floats; ValueError at the first non-finite one.
+
+    A list that is already all finite Python floats comes back as itself, not a copy.
+    """
+    values = _as_python(values)
+    if not isinstance(values, list):
+        values = list(values)  # a tuple, or a one-shot iterator the checks below would otherwise consume
+    # Fast path for the common case, a list of Python floats from .tolist(): two passes in C, no Python loop.
+    if set(map(type, values)) <= {float} and all(map(math.isfinite, values)):
+        return values
+    return [finite_float(v, f"{name}[{i}]") for i, v in enumerate(values)]
