@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,28 +35,50 @@ def keep_mask(tokens: torch.Tensor, special_ids: Iterable[int]) -> torch.Tensor:
     return keep
 
 
+def drop_outliers(acts: torch.Tensor, keep: torch.Tensor, outlier_factor: float | None) -> torch.Tensor:
+    """keep [B, T] minus the tokens whose norm exceeds outlier_factor × the median norm of the kept ones."""
+    if not outlier_factor or not keep.any():
+        return keep
+    norms = acts.float().norm(dim=-1).to(keep.device)
+    return keep & (norms <= outlier_factor * norms[keep].median())
+
+
 def filter_activations(acts: torch.Tensor, keep: torch.Tensor, outlier_factor: float | None) -> torch.Tensor:
     """acts [B, T, d] -> [n, d]: the kept tokens, minus norm outliers (> outlier_factor × median norm)."""
-    kept = acts[keep.to(acts.device)]
-    if outlier_factor and len(kept):
-        norms = kept.float().norm(dim=-1)
-        kept = kept[norms <= outlier_factor * norms.median()]
-    return kept
+    return acts[drop_outliers(acts, keep, outlier_factor).to(acts.device)]
 
 
-def harvest(model, module, contexts: torch.Tensor, *, special_ids: Iterable[int], batch_contexts: int = 32,
-            outlier_factor: float | None = 4.0, store_dtype: str = "float32",
-            progress: str | None = None) -> Iterator[torch.Tensor]:
-    """Run `model` up to `module` over contexts [N, T]; yield filtered activation chunks [n, d] on the CPU."""
+@dataclass
+class ContextChunk:
+    """Activations that remember where they came from, for feature analysis and concept tests."""
+
+    tokens: torch.Tensor  # [b, T] token ids of these contexts
+    keep: torch.Tensor    # [b, T] bool: the positions whose activations are in `acts`
+    acts: torch.Tensor    # [n, d] the kept activations, in row-major order of `keep`
+    first: int            # index of tokens[0] among all contexts of the harvest
+
+
+def harvest_contexts(model, module, contexts: torch.Tensor, *, special_ids: Iterable[int], batch_contexts: int = 32,
+                     outlier_factor: float | None = 4.0, store_dtype: str = "float32",
+                     progress: str | None = None) -> Iterator[ContextChunk]:
+    """Run `model` up to `module` over contexts [N, T]; yield filtered activations with their positions, on the CPU."""
     special = sorted(set(special_ids))
     starts = range(0, len(contexts), batch_contexts)
     for start in tqdm(starts, desc=progress, unit="batch", disable=progress is None, leave=False):
         tokens = contexts[start:start + batch_contexts]
         with torch.inference_mode():
             acts = capture(model, module, tokens)
-            kept = filter_activations(acts, keep_mask(tokens, special), outlier_factor)
+            keep = drop_outliers(acts, keep_mask(tokens, special).to(acts.device), outlier_factor)
+            kept = acts[keep]
         # Cloning outside inference mode gives an ordinary tensor that autograd may use later.
-        yield kept.to("cpu", STORE_DTYPES[store_dtype]).clone()
+        yield ContextChunk(tokens=tokens.cpu(), keep=keep.cpu().clone(),
+                           acts=kept.to("cpu", STORE_DTYPES[store_dtype]).clone(), first=start)
+
+
+def harvest(model, module, contexts: torch.Tensor, **kwargs) -> Iterator[torch.Tensor]:
+    """The activation vectors of `harvest_contexts` alone: chunks [n, d] for training."""
+    for chunk in harvest_contexts(model, module, contexts, **kwargs):
+        yield chunk.acts
 
 
 def shuffled_batches(chunks: Iterable[torch.Tensor], batch_size: int, buffer_size: int,

@@ -1,15 +1,17 @@
-"""Lightning callbacks that record a run: epoch metrics as they come, the SAE and its features at the end."""
+"""Lightning callbacks that record a run: epoch metrics as they come, the SAE and its feature analysis at the end."""
 
 from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import lightning as L
-import torch
+from tqdm.auto import tqdm
 
-from midisc.features import feature_stats
+from midisc.activations import ContextChunk
+from midisc.features import FeatureAnalysis, analyze, example_rows
 from midisc.sae import WEIGHTS_FILENAME
 from midisc.store import Store
 
@@ -22,20 +24,35 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-class RunRecorder(L.Callback):
-    """Writes epoch metrics to the store; at the end saves the SAE folder and one row per feature.
+def record_analysis(store: Store | None, run_id: int | None, analysis: FeatureAnalysis,
+                    decode: Callable[[Sequence[int]], list[str]], is_dead: Sequence[bool]) -> int:
+    """Write a feature analysis: one statistics row and its example rows per feature. Returns examples written."""
+    if store is None:
+        return 0
+    stats = analysis.stats
+    store.add_features(run_id, stats.frequency.tolist(), stats.mean_activation.tolist(),
+                       stats.max_activation.tolist(), list(is_dead))
+    return store.add_feature_examples(run_id, example_rows(analysis, decode))
 
-    Works without a store too (storage=none): the SAE folder is still written.
+
+class RunRecorder(L.Callback):
+    """Writes epoch metrics to the store; at the end saves the SAE folder and analyses every feature.
+
+    The analysis runs over the held-out contexts (statistics and examples per feature, see
+    `features.py`). Works without a store too (storage=none): the SAE folder is still written.
     """
 
-    def __init__(self, store: Store | None, run_id: int | None, sae_dir: Path, heldout: list[torch.Tensor],
-                 metadata: dict) -> None:
+    def __init__(self, store: Store | None, run_id: int | None, sae_dir: Path, metadata: dict,
+                 heldout: list[ContextChunk], decode: Callable[[Sequence[int]], list[str]], analysis: dict) -> None:
         self.store = store
         self.run_id = run_id
         self.sae_dir = Path(sae_dir)
-        self.heldout = heldout
         self.metadata = metadata
+        self.heldout = heldout
+        self.decode = decode
+        self.options = analysis
         self.checksum: str | None = None
+        self.analysis: FeatureAnalysis | None = None
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.store is None:
@@ -51,11 +68,11 @@ class RunRecorder(L.Callback):
         sae = pl_module.sae
         sae.save(self.sae_dir, self.metadata)
         self.checksum = sha256(self.sae_dir / WEIGHTS_FILENAME)
-        if self.store is None:
-            return
-        stats = feature_stats(sae, self.heldout)
+        progress = tqdm(self.heldout, desc="feature analysis", unit="batch", leave=False,
+                        disable=not trainer.progress_bar_callback)
+        self.analysis = analyze(sae, progress, **self.options)
         dead = pl_module.tokens_since_fired >= pl_module.dead_window
-        self.store.add_features(self.run_id, stats.frequency.tolist(), stats.mean_activation.tolist(),
-                                stats.max_activation.tolist(), dead.cpu().tolist())
-        self.store.add_sae_model(self.run_id, path=str(self.sae_dir), d_in=sae.d_in, d_sae=sae.d_sae,
-                                 architecture=sae.architecture, checksum=self.checksum)
+        record_analysis(self.store, self.run_id, self.analysis, self.decode, dead.cpu().tolist())
+        if self.store is not None:
+            self.store.add_sae_model(self.run_id, path=str(self.sae_dir), d_in=sae.d_in, d_sae=sae.d_sae,
+                                     architecture=sae.architecture, checksum=self.checksum)

@@ -125,6 +125,17 @@ def split_texts(texts: list[str], holdout: int, seed: int) -> tuple[list[str], l
     return order[holdout:], order[:holdout]
 
 
+def train_heldout(data: dict, seed: int, max_samples: int) -> tuple[list[str], list[str]]:
+    """The training and held-out texts a data config (the `data:` group as plain values) describes."""
+    data = dict(data)
+    holdout = data.pop("holdout_texts")
+    # Read just enough of a streamed dataset; local sources are read whole, then split by document.
+    limit = max_samples + holdout if data["source"] == "hf" else None
+    texts = load_texts(data.pop("source"), max_texts=limit, **data)
+    train_texts, heldout_texts = split_texts(texts, holdout, seed)
+    return train_texts[:max_samples], heldout_texts
+
+
 def pack(texts: list[str], tokenizer, context_size: int, separator_id: int,
          bos_id: int | None = None) -> torch.Tensor:
     """Tokenise, join documents with `separator_id` and cut into contexts -> LongTensor [n, context_size].

@@ -18,6 +18,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,6 +176,30 @@ def load_model(name: str, *, gguf_package: str | None = None, gguf_file: str | N
         raise _not_available(name, err) from None
     model.eval().requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name)
+
+
+def special_token_ids(tokenizer, separator: str | None) -> tuple[int, list[int]]:
+    """(separator id, ids never analysed): the separator, every special token, padding.
+
+    The separator is looked up in the vocabulary: SmolLM2's unk token is `<|endoftext|>` itself, so
+    `convert_tokens_to_ids` cannot tell a missing token from a present one.
+    """
+    if separator is not None:
+        sep = tokenizer.get_vocab().get(separator)
+        if sep is None:
+            raise ModelError(f"model.separator={separator!r} is not a token of this tokenizer")
+    else:
+        sep = tokenizer.eos_token_id
+        if sep is None:
+            raise ModelError("this tokenizer has no EOS token; name a separator token with model.separator=...")
+    return sep, sorted({sep, *tokenizer.all_special_ids})
+
+
+def token_texts(tokenizer) -> Callable[[Sequence[int]], list[str]]:
+    """ids -> the text of each token alone, as a reader sees it (not byte-level symbols like 'Ġthe')."""
+    def decode(ids: Sequence[int]) -> list[str]:
+        return tokenizer.batch_decode([[int(i)] for i in ids], clean_up_tokenization_spaces=False)
+    return decode
 
 
 def input_device(model: nn.Module) -> torch.device:

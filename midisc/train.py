@@ -34,9 +34,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from midisc import corpus, lm
-from midisc.activations import ActivationStream, DiskCache, MemoryCache, cache_key, harvest, keep_mask
+from midisc.activations import (ActivationStream, DiskCache, MemoryCache, cache_key, harvest, harvest_contexts,
+                                keep_mask)
 from midisc.callbacks import RunRecorder
 from midisc.corpus import CorpusError
+from midisc.features import frequency_bins
 from midisc.lm import ModelError
 from midisc.metrics import evaluate
 from midisc.module import SAEModule
@@ -64,6 +66,7 @@ class Result:
     metrics: dict[str, float]
     seconds: float
     sae: torch.nn.Module
+    frequency_bins: dict[str, int]  # features per firing-frequency bin, over the held-out tokens
 
 
 def recorded_config(cfg: DictConfig) -> dict:
@@ -74,27 +77,8 @@ def recorded_config(cfg: DictConfig) -> dict:
     return data
 
 
-def special_token_ids(tokenizer, separator: str | None) -> tuple[int, list[int]]:
-    """(separator id, ids never trained on): the separator, every special token, padding."""
-    if separator is not None:
-        sep = tokenizer.get_vocab().get(separator)
-        if sep is None:
-            raise ConfigError(f"model.separator={separator!r} is not a token of this tokenizer")
-    else:
-        sep = tokenizer.eos_token_id
-        if sep is None:
-            raise ConfigError("this tokenizer has no EOS token; name a separator token with model.separator=...")
-    return sep, sorted({sep, *tokenizer.all_special_ids})
-
-
 def load_corpus(cfg: DictConfig) -> tuple[list[str], list[str]]:
-    data = OmegaConf.to_container(cfg.data, resolve=True)
-    holdout, seed = data.pop("holdout_texts"), cfg.seed
-    # Read just enough of a streamed dataset; local sources are read whole, then split by document.
-    limit = cfg.max_samples + holdout if data["source"] == "hf" else None
-    texts = corpus.load_texts(data.pop("source"), max_texts=limit, **data)
-    train_texts, heldout_texts = corpus.split_texts(texts, holdout, seed)
-    return train_texts[: cfg.max_samples], heldout_texts
+    return corpus.train_heldout(OmegaConf.to_container(cfg.data, resolve=True), cfg.seed, cfg.max_samples)
 
 
 def build_sae(cfg: DictConfig, d_in: int, device: str = "cpu") -> torch.nn.Module:
@@ -168,16 +152,21 @@ def _fit(cfg: DictConfig, output_dir: Path, store: Store | None, run_id: int | N
     loaded = lm.load_model(m.name, gguf_package=m.gguf_package, gguf_file=m.gguf_file, dtype=m.dtype,
                            device_map=m.device_map)
     module = dict(loaded.model.named_modules())[hook]
-    separator, special = special_token_ids(loaded.tokenizer, m.separator)
+    separator, special = lm.special_token_ids(loaded.tokenizer, m.separator)
     bos = loaded.tokenizer.bos_token_id if m.prepend_bos else None
     train_ctx = corpus.pack(train_texts, loaded.tokenizer, cfg.context_size, separator, bos)
     heldout_ctx = corpus.pack(heldout_texts, loaded.tokenizer, cfg.context_size, separator, bos)
 
-    def harvest_from(contexts, progress=None):
-        return harvest(loaded.model, module, contexts, special_ids=special, batch_contexts=acts.lm_batch_size,
-                       outlier_factor=acts.outlier_factor, store_dtype=acts.dtype, progress=progress)
+    options = dict(special_ids=special, batch_contexts=acts.lm_batch_size, outlier_factor=acts.outlier_factor,
+                   store_dtype=acts.dtype)
 
-    heldout = torch.cat(list(harvest_from(heldout_ctx, "held-out activations")))
+    def harvest_from(contexts, progress=None):
+        return harvest(loaded.model, module, contexts, progress=progress, **options)
+
+    # Held-out activations keep their contexts: the feature analysis shows them as examples.
+    heldout_chunks = list(harvest_contexts(loaded.model, module, heldout_ctx, progress="held-out activations",
+                                           **options))
+    heldout = torch.cat([chunk.acts for chunk in heldout_chunks])
     expected = int(keep_mask(train_ctx, special).sum())
     if expected < cfg.batch_size:
         raise ConfigError(f"the {len(train_ctx)} training contexts give at most {expected} activation vectors, "
@@ -197,7 +186,8 @@ def _fit(cfg: DictConfig, output_dir: Path, store: Store | None, run_id: int | N
     metadata = {"model_name": m.name, "hook_name": hook, "hook_head_index": None, "context_size": cfg.context_size,
                 "prepend_bos": bool(m.prepend_bos), "dataset_path": _dataset_name(cfg), "seqpos_slice": [1, None],
                 "exclude_special_tokens": True}
-    recorder = RunRecorder(store, run_id, sae_dir, heldout_batches, metadata)
+    recorder = RunRecorder(store, run_id, sae_dir, metadata, heldout_chunks, lm.token_texts(loaded.tokenizer),
+                           analysis=OmegaConf.to_container(cfg.analysis))
     module_ = SAEModule(sae, instantiate(cfg.optimizer), b_dec_init=cfg.b_dec_init, dead_window=cfg.dead_window)
     callbacks: list[L.Callback] = [recorder]
     if cfg.trainer.enable_progress_bar:
@@ -213,7 +203,9 @@ def _fit(cfg: DictConfig, output_dir: Path, store: Store | None, run_id: int | N
                  alive_features=float(sae.d_sae - int((module_.tokens_since_fired >= cfg.dead_window).sum())))
     if store:
         store.update_run(run_id, n_tokens=stream.n_rows)
-    return Result(run_id=run_id, output_dir=output_dir, sae_dir=sae_dir, metrics=final, seconds=0.0, sae=module_.sae)
+    bins = frequency_bins(recorder.analysis.stats.frequency.tolist())
+    return Result(run_id=run_id, output_dir=output_dir, sae_dir=sae_dir, metrics=final, seconds=0.0, sae=module_.sae,
+                  frequency_bins=bins)
 
 
 def _dataset_name(cfg: DictConfig) -> str:
@@ -232,7 +224,11 @@ def summary(result: Result, db_url: str | None) -> str:
              f"  database:   {redact_url(db_url) if db_url else 'none'}",
              f"  held-out:   MSE {m['mse']:.4g}  FVU {m['fvu']:.3f}  L0 {m['l0']:.1f}  "
              f"dead {100 * m['dead_frac']:.1f}% ({int(m['alive_features'])} features alive)",
-             f"  trained on: {int(m['n_tokens']):,} activation vectors per epoch"]
+             f"  trained on: {int(m['n_tokens']):,} activation vectors per epoch",
+             "  features by firing frequency (held-out): "
+             + "  ".join(f"{name} {count}" for name, count in result.frequency_bins.items())]
+    if result.run_id is not None:
+        lines.append(f"  explore:    python -m midisc.explore top {result.run_id}")
     return "\n".join(lines)
 
 

