@@ -127,3 +127,14 @@ def postgres_url() -> Iterator[str]:
         with admin.begin() as connection:
             connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def planted_run(tmp_path_factory, tiny_llama, text_folder):
+    """A recorded tiny run whose feature 0 fires exactly on one token, analysed (see planted.py)."""
+    import planted
+    from midisc import analyze
+
+    found = planted.build(tmp_path_factory.mktemp("planted"), tiny_llama, text_folder)
+    analyze.main([str(found.run_id), "--db", found.url])  # the examples of the planted SAE replace training's
+    return found

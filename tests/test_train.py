@@ -1,5 +1,6 @@
 """End to end: the real entry point on tiny random models, in-process and as a user runs it."""
 
+import json
 import signal
 from pathlib import Path
 
@@ -137,6 +138,9 @@ def test_cli_multirun_sweep_records_each_job(tmp_path, tiny_llama, text_folder):
     assert len(names) == 4 and all("/" not in n and "data.path" not in n for n in names)
     for layer, k in [(0, 4), (0, 8), (1, 4), (1, 8)]:  # named after the overrides, paths left out
         assert sum(f"layer={layer}," in n and n.endswith(f"sae.k={k}") for n in names) == 1
+    listed = run_cli(["midisc.explore", "list", "--json", "--sweep", str(sweep.relative_to(tmp_path)),
+                      "--db", f"sqlite:///{db}"], cwd=tmp_path)
+    assert listed.returncode == 0 and len(json.loads(listed.stdout)) == 4
 
 
 def test_cli_error_is_one_line_without_traceback(tmp_path, tiny_llama, text_folder):

@@ -1,0 +1,81 @@
+"""`python -m midisc.analyze RUN`: analyse every feature of a recorded run again, and store the result.
+
+    python -m midisc.analyze 3                    # the run's held-out texts, as at the end of training
+    python -m midisc.analyze 3 --tokens 100000    # more tokens: held-out first, then training texts
+
+Training already does this over the held-out texts; run it again for more tokens or other example
+settings. It reloads the run's model and SAE, harvests activations exactly as the run did, and replaces
+the run's feature statistics and examples in the database (`explore` then shows the new ones).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from midisc import lm
+from midisc.callbacks import record_analysis
+from midisc.cli import UsageError, add_db_argument, make_console, open_store, run_tool
+from midisc.features import analyze, frequency_bins
+from midisc.runs import contexts, harvest_run, open_model, open_run, run_texts
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m midisc.analyze", description=__doc__.split("\n")[0])
+    parser.add_argument("run", type=int, help="run id (python -m midisc.explore list)")
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="tokens to analyse (default: all held-out texts; more draws on training texts)")
+    parser.add_argument("--n-top", type=int, default=None, help="strongest examples per feature (default: the run's)")
+    parser.add_argument("--n-quantile", type=int, default=None, help="sampled examples per feature (default: the run's)")
+    add_db_argument(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    if args.tokens is not None and args.tokens < 1:
+        raise UsageError(f"--tokens={args.tokens} must be a positive number of tokens")
+    console = make_console()
+    started = time.time()
+    with open_store(args.db) as store:
+        run = open_run(store, args.run)
+        options = dict(run.config.get("analysis") or {})
+        for key, value in (("n_top", args.n_top), ("n_quantile", args.n_quantile)):
+            if value is not None:
+                options[key] = value
+        try:
+            model = open_model(run)
+        except lm.ModelError as err:
+            raise lm.ModelError(f"run {run.id} needs its model to be analysed again: {err}") from None
+        train_texts, heldout_texts = run_texts(run)
+        ctx = contexts(run, model, heldout_texts)
+        if args.tokens is not None:
+            wanted = math.ceil(args.tokens / run.config["context_size"])
+            if wanted > len(ctx):  # only then pay for tokenising the training texts
+                ctx = torch.cat([ctx, contexts(run, model, train_texts)])
+            ctx = ctx[:wanted]
+        batches = math.ceil(len(ctx) / run.config["activations"]["lm_batch_size"])
+        chunks = tqdm(harvest_run(run, model, ctx), total=batches, desc="feature analysis", unit="batch")
+        try:
+            result = analyze(run.sae, chunks, **options)
+        except ValueError as err:  # bad example options: name them
+            raise UsageError(str(err)) from None
+        known = store.features(run.id)
+        # Dead means "no firing in training's last window" when training said so; else never fired here.
+        dead = ([f["is_dead"] for f in known] if len(known) == run.sae.d_sae
+                else (result.stats.frequency == 0).tolist())
+        written = record_analysis(store, run.id, result, lm.token_texts(model.loaded.tokenizer), dead)
+    bins = frequency_bins(result.stats.frequency.tolist())
+    console.print(f"run {run.id}: analysed {result.stats.n_tokens:,} tokens in {len(ctx)} contexts "
+                  f"in {time.time() - started:.0f}s; stored {run.sae.d_sae:,} features and {written:,} examples")
+    console.print("features by firing frequency: " + "  ".join(f"{k} {v}" for k, v in bins.items()))
+    console.print(f"next: python -m midisc.explore top {run.id}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_tool(main)

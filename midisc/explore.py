@@ -1,0 +1,272 @@
+"""`python -m midisc.explore`: the runs in the database and the features they found.
+
+    python -m midisc.explore list [--status completed] [--model NAME] [--sweep multirun/2026-11-24/10-00-00]
+    python -m midisc.explore top RUN [--by frequency|max|mean] [--n 20]
+    python -m midisc.explore analyze RUN
+    python -m midisc.explore details RUN FEATURE [--no-model]
+
+Every command takes --json (for scripts) and --db URL. Everything shown comes from the database, so no
+model is needed, except for a feature's output tokens in `details` (skipped with --no-model).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.text import Text
+
+from midisc.cli import UsageError, add_db_argument, make_console, make_table, open_store, print_json, run_tool
+from midisc.features import frequency_bins, log_density_histogram
+from midisc.report import quality_notes, run_overview
+from midisc.runs import logit_effects
+
+SORT_KEYS = {"frequency": "frequency", "max": "max_activation", "mean": "mean_activation"}
+
+
+def shown(token: str) -> str:
+    """A token as it can be printed on one line."""
+    return token.replace("\n", "⏎").replace("\r", "").replace("\t", "→")
+
+
+def preview(example: dict, console: Console, width: int = 70) -> Text:
+    """One line around the example's max token, the token highlighted ([[like this]] when piped)."""
+    tokens, peak = [shown(t) for t in example["tokens"]], example["max_token_index"]
+    left = "".join(tokens[:peak])[-(width - 20):]
+    right = "".join(tokens[peak + 1:])[:15]
+    line = Text(left)
+    if console.is_terminal:
+        line.append(tokens[peak], style="bold black on yellow")
+    else:
+        line.append(f"[[{tokens[peak]}]]")
+    return line.append(right)
+
+
+def heat(example: dict, console: Console) -> Text:
+    """The window with each token's activation as colour intensity (value in brackets when piped)."""
+    top = max(example["values"]) or 1.0
+    line = Text()
+    for i, (token, value) in enumerate(zip(example["tokens"], example["values"])):
+        token = shown(token)
+        if console.is_terminal:
+            level = max(0.0, value) / top
+            shade = int(255 - 200 * level)
+            style = f"black on rgb(255,{shade},{shade})" if value > 0 else ""
+            line.append(token, style=style + (" bold underline" if i == example["max_token_index"] else ""))
+        else:
+            line.append(f"{token}({value:.2f})" if value > 0 else token)
+    return line
+
+
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.3g}%"
+
+
+def number(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.{digits}g}"
+
+
+# ----- commands --------------------------------------------------------------------------------
+
+
+def cmd_list(args: argparse.Namespace, console: Console) -> int:
+    with open_store(args.db) as store:
+        # Run folders are recorded as absolute paths; a sweep folder is named as the user sees it.
+        sweep = str(Path(args.sweep).resolve()) + "/" if args.sweep else None
+        runs = store.list_runs(status=args.status, model=args.model, output_under=sweep)
+    rows = [{"id": r["id"], "started_at": r["started_at"].isoformat(timespec="seconds"), "status": r["status"],
+             "model": r["model"], "hook": r["hook"], "architecture": r["architecture"], "width": r["d_sae"],
+             "tokens": r["n_tokens"], "fvu": r["fvu"], "l0": r["l0"], "dead_frac": r["dead_frac"],
+             "alive_features": (r["metrics"] or {}).get("alive_features"), "output_dir": r["output_dir"]}
+            for r in runs]
+    if args.json:
+        print_json(rows)
+        return 0
+    if not rows:
+        console.print("no runs match" if (args.status or args.model or args.sweep) else
+                      "no runs yet: train one with python -m midisc.train")
+        return 0
+    table = make_table(console, "id", "started (UTC)", "status", "model", "hook", "arch", "width", "tokens", "FVU",
+                       "L0", "dead", "alive", right=("id", "width", "tokens", "FVU", "L0", "dead", "alive"))
+    for r in rows:
+        alive = r["alive_features"]
+        table.add_row(str(r["id"]), r["started_at"][:16].replace("T", " "), r["status"], _short_model(r["model"]),
+                      r["hook"], r["architecture"], number(r["width"]), number(r["tokens"]), number(r["fvu"]),
+                      number(r["l0"]), percent(r["dead_frac"]), "-" if alive is None else f"{int(alive):,}")
+    console.print(table)
+    return 0
+
+
+def _short_model(name: str) -> str:
+    return name if len(name) <= 40 else "…" + name[-39:]
+
+
+def _features(store, run_id: int) -> list[dict]:
+    features = store.features(run_id)
+    if not features:
+        run = store.get_run(run_id)
+        raise UsageError(f"run {run_id} ({run['status']}) has no analysed features; "
+                         f"completed runs have them, or run python -m midisc.analyze {run_id}")
+    return features
+
+
+def cmd_top(args: argparse.Namespace, console: Console) -> int:
+    if args.n < 1:
+        raise UsageError(f"--n={args.n} must be at least 1")
+    with open_store(args.db) as store:
+        features = _features(store, args.run)
+        key = SORT_KEYS[args.by]
+        ranked = sorted((f for f in features if f["frequency"]), key=lambda f: -(f[key] or 0.0))[: args.n]
+        best = {e["feature_index"]: e for e in store.feature_examples(
+            args.run, features=[f["feature_index"] for f in ranked], kind="top", max_rank=1)}
+    rows = [{"feature": f["feature_index"], "frequency": f["frequency"], "mean_activation": f["mean_activation"],
+             "max_activation": f["max_activation"], "is_dead": f["is_dead"],
+             "example": best.get(f["feature_index"])} for f in ranked]
+    if args.json:
+        print_json(rows)
+        return 0
+    table = make_table(console, "feature", "freq", "mean", "max", "strongest example",
+                       title=f"run {args.run}: top {len(rows)} of {len(features):,} features by {args.by}",
+                       right=("feature", "freq", "mean", "max"))
+    for r in rows:
+        table.add_row(str(r["feature"]), percent(r["frequency"]), number(r["mean_activation"]),
+                      number(r["max_activation"]), preview(r["example"], console) if r["example"] else "")
+    console.print(table)
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
+    with open_store(args.db) as store:
+        run = store.get_run(args.run)
+        epochs = store.epoch_metrics(args.run)
+        features = store.features(args.run)
+    frequency = [f["frequency"] or 0.0 for f in features]
+    bins = frequency_bins(frequency) if features else {}
+    edges, counts, never = log_density_histogram(frequency) if features else ([], [], 0)
+    report = {"run": run_overview(run), "metrics": run["metrics"] or {},
+              "epochs": [{"epoch": e["epoch"], "step": e["step"], **e["metrics"]} for e in epochs],
+              "frequency_bins": bins, "log10_density_histogram": {"edges": edges, "counts": counts, "never": never},
+              "notes": quality_notes(run, features)}
+    if args.json:
+        print_json(report)
+        return 0
+    overview = make_table(console, "setting", "value", title=f"run {args.run}")
+    for name, value in report["run"].items():
+        overview.add_row(name, str(value))
+    console.print(overview)
+    if report["metrics"]:
+        metrics = make_table(console, *report["metrics"], title="final held-out metrics", right=tuple(report["metrics"]))
+        metrics.add_row(*(number(v, 4) for v in report["metrics"].values()))
+        console.print(metrics)
+    if epochs:
+        names = [n for n in ("train/loss", "train/fvu", "train/l0", "val/fvu", "val/l0", "sparsity/dead_frac")
+                 if any(n in e["metrics"] for e in epochs)]
+        curve = make_table(console, "epoch", "step", *names, title="by epoch", right=("epoch", "step", *names))
+        for e in epochs:
+            curve.add_row(str(e["epoch"]), str(e["step"]), *(number(e["metrics"].get(n), 4) for n in names))
+        console.print(curve)
+    if features:
+        table = make_table(console, "firing frequency", "features", "share", title="features by firing frequency",
+                           right=("features", "share"))
+        for name, count in bins.items():
+            table.add_row(name, f"{count:,}", percent(count / len(features)))
+        console.print(table)
+        console.print(_histogram_text(edges, counts, never))
+    console.print("[bold]notes[/bold]" if console.is_terminal else "notes")
+    for note in report["notes"]:
+        console.print(f"  - {note}", markup=False)
+    return 0
+
+
+def _histogram_text(edges: list[float], counts: list[int], never: int) -> Text:
+    text = Text("log10 firing frequency (features)\n")
+    most = max(counts, default=0) or 1
+    for low, high, count in zip(edges, edges[1:], counts):
+        text.append(f"  [{low:6.2f}, {high:6.2f})  {'#' * round(40 * count / most):<40} {count}\n")
+    if never:
+        text.append(f"  never fired        {never}\n")
+    return text
+
+
+def cmd_details(args: argparse.Namespace, console: Console) -> int:
+    with open_store(args.db) as store:
+        features = _features(store, args.run)
+        if not 0 <= args.feature < len(features):
+            raise UsageError(f"run {args.run} has no feature {args.feature}; its features are 0-{len(features) - 1}")
+        feature = features[args.feature]
+        examples = store.feature_examples(args.run, features=[args.feature])
+        effects = None if args.no_model else logit_effects(store, args.run, args.feature, args.n_tokens)
+    by_freq = sorted(features, key=lambda f: -(f["frequency"] or 0.0))
+    report = {"feature": args.feature, "frequency": feature["frequency"], "mean_activation": feature["mean_activation"],
+              "max_activation": feature["max_activation"], "is_dead": feature["is_dead"],
+              "frequency_rank": by_freq.index(feature), "examples": examples, "output_tokens": effects}
+    if args.json:
+        print_json(report)
+        return 0
+    console.print(f"run {args.run}, feature {args.feature}: fires on {percent(feature['frequency'])} of tokens "
+                  f"(rank {report['frequency_rank'] + 1:,} of {len(features):,}), mean {number(feature['mean_activation'])}, "
+                  f"max {number(feature['max_activation'])}" + (", dead in training" if feature["is_dead"] else ""),
+                  markup=False)
+    if not examples:
+        console.print("no examples: the feature never fired on the analysed tokens")
+    for kind, title in (("top", "strongest examples"), ("quantile", "examples sampled from all its firing tokens")):
+        chosen = [e for e in examples if e["kind"] == kind][: args.n]
+        if chosen:
+            table = make_table(console, "act", "context (colour: activation)", title=title, right=("act",))
+            for e in chosen:
+                table.add_row(number(e["activation"]), heat(e, console))
+            console.print(table)
+    if isinstance(effects, dict):
+        table = make_table(console, "boosted", "logit", "suppressed", "logit", title="output tokens (decoder row × unembedding)",
+                           right=("logit",))
+        for (up, up_v), (down, down_v) in zip(effects["boosted"], effects["suppressed"]):
+            table.add_row(repr(up), f"{up_v:+.3f}", repr(down), f"{down_v:+.3f}")
+        console.print(table)
+    elif isinstance(effects, str):
+        console.print(f"output tokens: {effects}", markup=False)
+    return 0
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m midisc.explore", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help_: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_, description=help_)
+        sub.add_argument("--json", action="store_true", help="print JSON instead of tables")
+        add_db_argument(sub)
+        return sub
+
+    listing = command("list", "every run, newest first")
+    listing.add_argument("--status", choices=("running", "completed", "failed", "interrupted"))
+    listing.add_argument("--model", help="only runs of this model name")
+    listing.add_argument("--sweep", metavar="FOLDER", help="only runs of one Hydra multirun (its sweep folder)")
+    top = command("top", "the top features of a run, with their strongest example")
+    top.add_argument("run", type=int)
+    top.add_argument("--by", choices=tuple(SORT_KEYS), default="frequency")
+    top.add_argument("--n", type=int, default=20, help="how many features (default 20)")
+    analysis = command("analyze", "a run's settings, metrics, epoch curve, frequency bins and quality notes")
+    analysis.add_argument("run", type=int)
+    details = command("details", "one feature: statistics, examples coloured by activation, output tokens")
+    details.add_argument("run", type=int)
+    details.add_argument("feature", type=int)
+    details.add_argument("--n", type=int, default=10, help="examples of each kind to show (default 10)")
+    details.add_argument("--n-tokens", type=int, default=10, help="boosted/suppressed output tokens (default 10)")
+    details.add_argument("--no-model", action="store_true", help="skip the output tokens (they load the model)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    handler = {"list": cmd_list, "top": cmd_top, "analyze": cmd_analyze, "details": cmd_details}[args.command]
+    return handler(args, make_console())
+
+
+if __name__ == "__main__":
+    run_tool(main)
