@@ -223,7 +223,7 @@ def cmd_details(args: argparse.Namespace, console: Console) -> int:
                 table.add_row(number(e["activation"]), heat(e, console))
             console.print(table)
     if isinstance(effects, dict):
-        table = make_table(console, "boosted", "logit", "suppressed", "logit", title="output tokens (decoder row × unembedding)",
+        table = make_table(console, "boosted", "logit", "suppressed", "logit", title="output tokens (W_dec row · W_U)",
                            right=("logit",))
         for (up, up_v), (down, down_v) in zip(effects["boosted"], effects["suppressed"]):
             table.add_row(repr(up), f"{up_v:+.3f}", repr(down), f"{down_v:+.3f}")

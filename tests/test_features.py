@@ -128,6 +128,16 @@ def test_memory_is_bounded_by_the_slots_not_the_tokens():
         shapes = now
 
 
+def test_twenty_thousand_features_in_one_pass():
+    sae = ReluSAE(16, d_sae=20480, seed=0)
+    tokens = torch.randint(0, 100, (6, 32))
+    keep = torch.ones(6, 32, dtype=torch.bool)
+    acts = torch.randn(6 * 32, 16)
+    result = analyze(sae, [ContextChunk(tokens, keep, acts, 0)], n_top=2, n_quantile=1)
+    assert result.stats.frequency.shape == (20480,) and result.top.window_ids.shape[:2] == (20480, 2)
+    assert torch.allclose(result.stats.max_activation, sae.encode(acts).max(0).values)
+
+
 def test_frequency_bins_and_log_density_histogram():
     freq = [0.0, 0.0, 5e-5, 5e-4, 5e-3, 0.05, 0.15, 0.5, 1.0]
     assert frequency_bins(freq) == {"never": 2, "<0.01%": 1, "0.01-0.1%": 1, "0.1-1%": 1, "1-10%": 1,

@@ -36,6 +36,9 @@ def check_recorded(url, result, epochs=2):
     assert all("val/fvu" in e["metrics"] for e in store.epoch_metrics(result.run_id))
     features = store.features(result.run_id)
     assert len(features) == result.sae.d_sae == run["d_sae"]
+    # Every feature that fired on the held-out tokens has its strongest example stored.
+    best = store.feature_examples(result.run_id, kind="top", max_rank=1)
+    assert [e["feature_index"] for e in best] == [f["feature_index"] for f in features if f["frequency"] > 0]
     (model,) = store.sae_models(result.run_id)
     assert model["checksum"] == sha256(Path(model["path"]) / WEIGHTS_FILENAME)
     store.close()
@@ -120,6 +123,7 @@ def test_cli_single_run_prints_where_everything_is(tmp_path, tiny_llama, text_fo
     proc = run_cli(cli_args(tiny_llama, text_folder, tmp_path / "runs.db"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "run 1 completed" in proc.stdout and "FVU" in proc.stdout and "dead" in proc.stdout
+    assert "features by firing frequency (held-out): never" in proc.stdout and "midisc.explore top 1" in proc.stdout
     sae_dir = Path(proc.stdout.split("SAE:")[1].split()[0])
     assert (sae_dir / "cfg.json").is_file() and sae_dir.is_relative_to(tmp_path / "outputs")
 
