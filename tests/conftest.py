@@ -106,6 +106,22 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 300, env: dict | None = N
 
 
 @pytest.fixture
+def sqlite_url(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'runs.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request) -> Iterator:
+    """A Store on each backend (the PostgreSQL one skips without MIDISC_TEST_POSTGRES_URL)."""
+    from midisc.store import Store
+
+    url = request.getfixturevalue(f"{request.param}_url")
+    store = Store(url)
+    yield store
+    store.close()
+
+
+@pytest.fixture
 def postgres_url() -> Iterator[str]:
     """A URL whose connections see only a fresh schema, dropped afterwards.
 

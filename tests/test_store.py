@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
@@ -15,19 +14,6 @@ from midisc.store import Store, StoreError, UnknownRunError, default_db_url, red
 
 POSTGRES_URL = os.environ.get("MIDISC_TEST_POSTGRES_URL")
 CHECKSUM = "ab" * 32
-
-
-@pytest.fixture
-def sqlite_url(tmp_path) -> str:
-    return f"sqlite:///{tmp_path / 'runs.db'}"
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request) -> Iterator[Store]:
-    url = request.getfixturevalue(f"{request.param}_url")
-    store = Store(url)
-    yield store
-    store.close()
 
 
 def start(store: Store, **overrides) -> int:

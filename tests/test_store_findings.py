@@ -17,19 +17,6 @@ EXAMPLE_COLUMNS = {"id", "run_id", "feature_index", "kind", "rank", "activation"
                    "max_token_index", "tokens", "values"}
 
 
-@pytest.fixture
-def sqlite_url(tmp_path) -> str:
-    return f"sqlite:///{tmp_path / 'runs.db'}"
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request) -> Iterator[Store]:
-    url = request.getfixturevalue(f"{request.param}_url")
-    store = Store(url)
-    yield store
-    store.close()
-
-
 def start(store: Store, output_dir: str = "outputs/run") -> int:
     return store.start_run(model="SmolLM2-135M", hook="blocks.3.hook_resid_post", layer=3, architecture="topk",
                            config={"sae": {"k": 32}}, output_dir=output_dir)
