@@ -90,9 +90,7 @@ def logit_effects(store: Store, run_id: int, feature: int, n: int = 10) -> dict[
     """
     try:
         run = open_run(store, run_id)
-        m = run.config["model"]
-        loaded = lm.load_model(m["name"], gguf_package=m.get("gguf_package"), gguf_file=m.get("gguf_file"),
-                               device_map=None)
+        loaded = open_model(run).loaded
     except (RunError, lm.ModelError) as err:
         return f"not shown: {err}"
     unembed = loaded.model.get_output_embeddings().weight.float()  # [vocab, d_model]
