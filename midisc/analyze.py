@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from midisc import lm
 from midisc.callbacks import record_analysis
 from midisc.cli import UsageError, add_db_argument, make_console, open_store, run_tool
-from midisc.features import analyze, frequency_bins
+from midisc.features import analyze, example_rows, frequency_bins
 from midisc.runs import contexts, harvest_run, open_model, open_run, run_texts
 
 
@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         # Dead means "no firing in training's last window" when training said so; else never fired here.
         dead = ([f["is_dead"] for f in known] if len(known) == run.sae.d_sae
                 else (result.stats.frequency == 0).tolist())
-        written = record_analysis(store, run.id, result, lm.token_texts(model.loaded.tokenizer), dead)
+        written = record_analysis(store, run.id, result, example_rows(result, lm.token_texts(model.loaded.tokenizer)),
+                                  dead)
     bins = frequency_bins(result.stats.frequency.tolist())
     console.print(f"run {run.id}: analysed {result.stats.n_tokens:,} tokens in {len(ctx)} contexts "
                   f"in {time.time() - started:.0f}s; stored {run.sae.d_sae:,} features and {written:,} examples")

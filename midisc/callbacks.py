@@ -1,19 +1,28 @@
-"""Lightning callbacks that record a run: epoch metrics as they come, the SAE and its feature analysis at the end."""
+"""Lightning callbacks that record a run (metrics as they come, the feature analysis at the end) and publish it."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import lightning as L
+import torch
 from tqdm.auto import tqdm
 
 from midisc.activations import ContextChunk
+from midisc.export import PROBE_FILENAME, FeatureTable, Publication, Written, add_profiles, write_all, write_probe
 from midisc.features import FeatureAnalysis, analyze, example_rows
+from midisc.metrics import evaluate
 from midisc.sae import WEIGHTS_FILENAME
 from midisc.store import Store
+
+
+# The per-step metrics written to the run folder's curve file, for `verify --visualize`.
+CURVES_FILENAME = "curves.csv"
+CURVE_METRICS = ("train/loss", "train/mse", "train/fvu", "train/l0", "train/l1", "sparsity/dead_frac", "train/lr")
 
 
 def sha256(path: Path) -> str:
@@ -24,35 +33,54 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def record_analysis(store: Store | None, run_id: int | None, analysis: FeatureAnalysis,
-                    decode: Callable[[Sequence[int]], list[str]], is_dead: Sequence[bool]) -> int:
+def record_analysis(store: Store | None, run_id: int | None, analysis: FeatureAnalysis, examples: list[dict],
+                    is_dead: Sequence[bool]) -> int:
     """Write a feature analysis: one statistics row and its example rows per feature. Returns examples written."""
     if store is None:
         return 0
     stats = analysis.stats
     store.add_features(run_id, stats.frequency.tolist(), stats.mean_activation.tolist(),
                        stats.max_activation.tolist(), list(is_dead))
-    return store.add_feature_examples(run_id, example_rows(analysis, decode))
+    return store.add_feature_examples(run_id, examples)
 
 
 class RunRecorder(L.Callback):
-    """Writes epoch metrics to the store; at the end saves the SAE folder and analyses every feature.
+    """Writes epoch metrics (and a per-step curve file) as training goes; at the end analyses every feature.
 
     The analysis runs over the held-out contexts (statistics and examples per feature, see
-    `features.py`). Works without a store too (storage=none): the SAE folder is still written.
+    `features.py`) and goes to the store with the final held-out metrics. Works without a store too
+    (storage=none): the `Publisher` after it still writes every file.
     """
 
-    def __init__(self, store: Store | None, run_id: int | None, sae_dir: Path, metadata: dict,
-                 heldout: list[ContextChunk], decode: Callable[[Sequence[int]], list[str]], analysis: dict) -> None:
+    def __init__(self, store: Store | None, run_id: int | None, curves: Path, heldout: list[ContextChunk],
+                 decode: Callable[[Sequence[int]], list[str]], analysis: dict, count_tokens: Callable[[], int]) -> None:
         self.store = store
         self.run_id = run_id
-        self.sae_dir = Path(sae_dir)
-        self.metadata = metadata
+        self.curves = Path(curves)
         self.heldout = heldout
         self.decode = decode
         self.options = analysis
-        self.checksum: str | None = None
+        self.count_tokens = count_tokens
         self.analysis: FeatureAnalysis | None = None
+        self.examples: list[dict] = []
+        self.is_dead: list[bool] = []
+        self.metrics: dict[str, float] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.curves.parent.mkdir(parents=True, exist_ok=True)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % trainer.log_every_n_steps and not trainer.is_last_batch:
+            return
+        values = {name.removesuffix("_step"): float(value) for name, value in trainer.callback_metrics.items()
+                  if name.endswith("_step") and name.removesuffix("_step") in CURVE_METRICS}
+        write_header = not self.curves.exists()
+        with open(self.curves, "a", newline="") as f:  # appended as it goes: a crashed run keeps its curve
+            writer = csv.DictWriter(f, fieldnames=["step", "epoch", *CURVE_METRICS], restval="")
+            if write_header:
+                writer.writeheader()
+            writer.writerow({"step": trainer.global_step, "epoch": trainer.current_epoch,
+                             **{k: v for k, v in values.items() if math.isfinite(v)}})
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.store is None:
@@ -66,13 +94,50 @@ class RunRecorder(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         sae = pl_module.sae
-        sae.save(self.sae_dir, self.metadata)
-        self.checksum = sha256(self.sae_dir / WEIGHTS_FILENAME)
         progress = tqdm(self.heldout, desc="feature analysis", unit="batch", leave=False,
                         disable=not trainer.progress_bar_callback)
         self.analysis = analyze(sae, progress, **self.options)
-        dead = pl_module.tokens_since_fired >= pl_module.dead_window
-        record_analysis(self.store, self.run_id, self.analysis, self.decode, dead.cpu().tolist())
+        self.is_dead = (pl_module.tokens_since_fired >= pl_module.dead_window).cpu().tolist()
+        self.examples = example_rows(self.analysis, self.decode)
+        record_analysis(self.store, self.run_id, self.analysis, self.examples, self.is_dead)
+        self.metrics = {**evaluate(sae, (chunk.acts for chunk in self.heldout)),
+                        "dead_frac": float(pl_module.dead_frac()), "n_tokens": float(self.count_tokens()),
+                        "alive_features": float(len(self.is_dead) - sum(self.is_dead)),
+                        "analysed_tokens": float(self.analysis.stats.n_tokens)}
+
+
+class Publisher(L.Callback):
+    """After the recorder: writes the SAELens folder, the Neuronpedia package and dashboard files, and
+    records the saved SAE (path, shapes, checksum) in the store."""
+
+    def __init__(self, store: Store | None, recorder: RunRecorder, output_dir: Path, info: dict,
+                 unembed: Callable[[], torch.Tensor | None], options: dict) -> None:
+        self.store = store
+        self.recorder = recorder
+        self.output_dir = Path(output_dir)
+        self.info = info  # Publication fields known before training: model, hook, layer, metadata…
+        self.unembed = unembed
+        self.options = options
+        self.written: Written | None = None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        rec = self.recorder
+        stats = rec.analysis.stats
+        never = stats.frequency == 0  # mean and max are undefined for a feature that never fired
+        table = FeatureTable(frequency=stats.frequency.tolist(),
+                             mean_activation=[None if n else v for n, v in zip(never.tolist(), stats.mean_activation.tolist())],
+                             max_activation=[None if n else v for n, v in zip(never.tolist(), stats.max_activation.tolist())],
+                             is_dead=rec.is_dead, n_tokens=stats.n_tokens)
+        pub = Publication(sae=pl_module.sae, run_id=rec.run_id, metrics=rec.metrics, features=table,
+                          examples=rec.examples, set_name=self.options["set_name"], **self.info)
+        if self.options["neuronpedia"]:
+            add_profiles(pub, (chunk.acts for chunk in rec.heldout), self.unembed(), rec.decode,
+                         n_tokens=self.options["output_tokens"])
+        write_probe(pl_module.sae, torch.cat([c.acts for c in rec.heldout[:4]]), self.output_dir / PROBE_FILENAME)
+        self.written = write_all(pub, self.output_dir, neuronpedia=self.options["neuronpedia"],
+                                 features_per_batch=self.options["features_per_batch"])
         if self.store is not None:
-            self.store.add_sae_model(self.run_id, path=str(self.sae_dir), d_in=sae.d_in, d_sae=sae.d_sae,
-                                     architecture=sae.architecture, checksum=self.checksum)
+            sae = pl_module.sae
+            self.store.add_sae_model(self.recorder.run_id, path=str(self.written.saelens), d_in=sae.d_in,
+                                     d_sae=sae.d_sae, architecture=sae.architecture,
+                                     checksum=sha256(self.written.saelens / WEIGHTS_FILENAME))

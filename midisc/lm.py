@@ -202,6 +202,27 @@ def token_texts(tokenizer) -> Callable[[Sequence[int]], list[str]]:
     return decode
 
 
+# Final-norm attribute names on the base model (Llama/Mistral/Gemma, Phi, GPT-2/NeoX style).
+_FINAL_NORMS = ("norm", "final_layernorm", "ln_f", "final_layer_norm")
+
+
+def unembedding(model: nn.Module) -> torch.Tensor:
+    """The unembedding [vocab, d_model] with the final norm's scale folded in, in float32.
+
+    A direction's effect on the logits is (direction * norm.weight) @ W_U.T: TransformerLens folds the
+    final norm weight into W_U the same way, so output tokens match Neuronpedia's dashboards.
+    """
+    unembed = model.get_output_embeddings().weight.float()
+    norm = next((getattr(model.base_model, name) for name in _FINAL_NORMS
+                 if isinstance(getattr(model.base_model, name, None), nn.Module)), None)
+    weight = getattr(norm, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.shape == unembed.shape[1:]:
+        # Gemma-style norms scale by (1 + weight); they say so with this attribute in transformers.
+        offset = 1.0 if getattr(norm, "add_unit_offset", False) or "Gemma" in type(norm).__name__ else 0.0
+        unembed = unembed * (weight.float().to(unembed.device) + offset)
+    return unembed
+
+
 def input_device(model: nn.Module) -> torch.device:
     return model.get_input_embeddings().weight.device
 

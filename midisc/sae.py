@@ -137,6 +137,19 @@ class SparseAutoencoder(nn.Module):
         rows = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(_EPS)
         grad -= (grad * rows).sum(dim=1, keepdim=True) * rows
 
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> None:
+        """Make an SAE trained on `x * scale` work on raw `x`, with its outputs in raw units.
+
+        With x' = x * scale the trained SAE gives codes' and x_hat' = x_hat * scale. Dividing both biases
+        by `scale` gives codes = codes' / scale (ReLU and top-k selection commute with a positive
+        scale) and x_hat = x_hat' / scale, while W_enc and the unit-norm decoder rows stay as they are.
+        """
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"input scale must be a finite number > 0, got {scale!r}")
+        self.b_enc.div_(scale)
+        self.b_dec.div_(scale)
+
     # --- records and persistence -----------------------------------------------------------
     def hparams(self) -> dict[str, Any]:
         """Plain values that define this SAE, for run records."""

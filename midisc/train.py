@@ -36,11 +36,11 @@ from torch.utils.data import DataLoader
 from midisc import corpus, lm
 from midisc.activations import (ActivationStream, DiskCache, MemoryCache, cache_key, harvest, harvest_contexts,
                                 keep_mask)
-from midisc.callbacks import RunRecorder
+from midisc.callbacks import CURVES_FILENAME, Publisher, RunRecorder
 from midisc.corpus import CorpusError
+from midisc.export import run_info
 from midisc.features import frequency_bins
 from midisc.lm import ModelError
-from midisc.metrics import evaluate
 from midisc.module import SAEModule
 from midisc.store import Store, StoreError, redact_url
 from midisc.validate import ConfigError, check_config
@@ -182,14 +182,13 @@ def _fit(cfg: DictConfig, output_dir: Path, store: Store | None, run_id: int | N
                               batch_size=cfg.batch_size, buffer_size=acts.buffer_size, expected_rows=expected,
                               seed=cfg.seed)
     heldout_batches = list(heldout.split(cfg.batch_size))
-    sae_dir = output_dir / "sae"
-    metadata = {"model_name": m.name, "hook_name": hook, "hook_head_index": None, "context_size": cfg.context_size,
-                "prepend_bos": bool(m.prepend_bos), "dataset_path": _dataset_name(cfg), "seqpos_slice": [1, None],
-                "exclude_special_tokens": True}
-    recorder = RunRecorder(store, run_id, sae_dir, metadata, heldout_chunks, lm.token_texts(loaded.tokenizer),
-                           analysis=OmegaConf.to_container(cfg.analysis))
+    recorder = RunRecorder(store, run_id, output_dir / CURVES_FILENAME, heldout_chunks, lm.token_texts(loaded.tokenizer),
+                           analysis=OmegaConf.to_container(cfg.analysis), count_tokens=lambda: stream.n_rows)
+    info = run_info(OmegaConf.to_container(cfg, resolve=True), hook, lm.num_layers(loaded.model.config))
+    publisher = Publisher(store, recorder, output_dir, info, lambda: lm.unembedding(loaded.model),
+                          OmegaConf.to_container(cfg.export))
     module_ = SAEModule(sae, instantiate(cfg.optimizer), b_dec_init=cfg.b_dec_init, dead_window=cfg.dead_window)
-    callbacks: list[L.Callback] = [recorder]
+    callbacks: list[L.Callback] = [recorder, publisher]  # in this order: the publisher reads the recorder's results
     if cfg.trainer.enable_progress_bar:
         callbacks.append(TQDMProgressBar())  # Rich's bar draws nothing when output is not a terminal (CI, logs)
     trainer = instantiate(cfg.trainer, default_root_dir=str(output_dir), logger=make_loggers(cfg, output_dir) or False,
@@ -198,20 +197,12 @@ def _fit(cfg: DictConfig, output_dir: Path, store: Store | None, run_id: int | N
                 val_dataloaders=DataLoader(heldout_batches, batch_size=None))
     if trainer.interrupted:
         raise KeyboardInterrupt
-    final = evaluate(module_.sae, heldout_batches)
-    final.update(dead_frac=float(module_.dead_frac()), n_tokens=float(stream.n_rows),
-                 alive_features=float(sae.d_sae - int((module_.tokens_since_fired >= cfg.dead_window).sum())))
+    final = recorder.metrics
     if store:
         store.update_run(run_id, n_tokens=stream.n_rows)
     bins = frequency_bins(recorder.analysis.stats.frequency.tolist())
-    return Result(run_id=run_id, output_dir=output_dir, sae_dir=sae_dir, metrics=final, seconds=0.0, sae=module_.sae,
+    return Result(run_id=run_id, output_dir=output_dir, sae_dir=publisher.written.saelens, metrics=final, seconds=0.0, sae=module_.sae,
                   frequency_bins=bins)
-
-
-def _dataset_name(cfg: DictConfig) -> str:
-    data = cfg.data
-    return {"bundled": f"{data.get('package')}/{data.get('subdir')}", "local": str(data.get("path")),
-            "hf": str(data.get("name"))}.get(data.source, data.source)
 
 
 def summary(result: Result, db_url: str | None) -> str:

@@ -56,7 +56,8 @@ def check_config(cfg: DictConfig) -> None:
     _int(cfg, "layer", 0) if cfg.model.hook is None else None
     for key, low in [("seed", 0), ("max_samples", 1), ("context_size", 2), ("batch_size", 1), ("epochs", 1),
                      ("dead_window", 1), ("activations.buffer_size", 1), ("activations.lm_batch_size", 1),
-                     ("data.holdout_texts", 1), ("sae.expansion", 1)]:
+                     ("data.holdout_texts", 1), ("sae.expansion", 1), ("export.features_per_batch", 1),
+                     ("export.output_tokens", 1)]:
         _int(cfg, key, low)
     if "k" in cfg.sae:
         _int(cfg, "sae.k", 1)
@@ -69,6 +70,8 @@ def check_config(cfg: DictConfig) -> None:
     _choice(cfg, "model.dtype", tuple(DTYPES))
     _choice(cfg, "data.source", SOURCES)
     _choice(cfg, "b_dec_init", B_DEC_METHODS)
+    if not isinstance(cfg.export.neuronpedia, bool):
+        raise ConfigError(f"export.neuronpedia must be true or false, got {cfg.export.neuronpedia!r}")
     if cfg.activations.outlier_factor is not None:
         _number(cfg, "activations.outlier_factor", 1.0, strict=True)
 

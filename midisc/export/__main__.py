@@ -1,0 +1,98 @@
+"""`python -m midisc.export RUN`: write a recorded run's SAELens folder, Neuronpedia package and dashboards again.
+
+    python -m midisc.export 3                     # into the run's own folder, as training did
+    python -m midisc.export 3 --out publish/      # somewhere else (the SAE weights are copied there)
+    python -m midisc.export 3 --set-name res-32k  # another Neuronpedia source-set name
+    python -m midisc.export 3 --no-model          # no model at hand: SAELens folder and package only
+
+Training writes all of this at its end; run it again after `midisc.analyze` (new statistics and
+examples), to rename the source set, or for runs trained before an export existed. Statistics and
+examples come from the database; the dashboards' activation histograms and output tokens need the
+run's model, which is reloaded and run over the run's held-out texts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from midisc import lm
+from midisc.cli import UsageError, add_db_argument, make_console, open_store, run_tool
+from midisc.export import FeatureTable, Publication, add_profiles, run_info, write_all
+from midisc.runs import OpenedRun, contexts, harvest_run, open_model, open_run, run_texts
+from midisc.store import Store
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m midisc.export", description=__doc__.split("\n")[0])
+    parser.add_argument("run", type=int, help="run id (python -m midisc.explore list)")
+    parser.add_argument("--out", type=Path, default=None, help="folder to write into (default: the run's folder)")
+    parser.add_argument("--set-name", default=None, help="Neuronpedia source-set name (default: the run's)")
+    parser.add_argument("--features-per-batch", type=int, default=None, help="features per dashboard batch file")
+    parser.add_argument("--no-model", action="store_true",
+                        help="do not load the model: no dashboard files (they need histograms and output tokens)")
+    add_db_argument(parser)
+    return parser.parse_args(argv)
+
+
+def feature_table(store: Store, run: OpenedRun) -> FeatureTable:
+    rows = store.features(run.id)
+    if len(rows) != run.sae.d_sae:
+        raise UsageError(f"run {run.id} has {len(rows)} feature rows for {run.sae.d_sae} features; "
+                         f"run python -m midisc.analyze {run.id} first")
+    fired = [bool(r["frequency"]) for r in rows]  # mean and max mean nothing for a feature that never fired
+    analysed = (run.row.get("metrics") or {}).get("analysed_tokens")
+    return FeatureTable(frequency=[r["frequency"] or 0.0 for r in rows],
+                        mean_activation=[r["mean_activation"] if f else None for r, f in zip(rows, fired)],
+                        max_activation=[r["max_activation"] if f else None for r, f in zip(rows, fired)],
+                        is_dead=[bool(r["is_dead"]) for r in rows], n_tokens=int(analysed or 0))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    console = make_console()
+    started = time.time()
+    with open_store(args.db) as store:
+        run = open_run(store, args.run)
+        if run.row["status"] != "completed":
+            raise UsageError(f"run {run.id} is {run.row['status']}; only completed runs are exported")
+        export = {"neuronpedia": True, "set_name": None, "features_per_batch": 128, "output_tokens": 10,
+                  **(run.config.get("export") or {})}
+        set_name = args.set_name or export["set_name"]
+        per_batch = args.features_per_batch or export["features_per_batch"]
+        if per_batch < 1:
+            raise UsageError(f"--features-per-batch={per_batch} must be at least 1")
+        model = None
+        if not args.no_model:
+            try:
+                model = open_model(run)
+            except lm.ModelError as err:
+                raise lm.ModelError(f"{err}; with --no-model the dashboards are skipped") from None
+        n_layers = lm.num_layers(model.loaded.model.config) if model else 0
+        pub = Publication(sae=run.sae, run_id=run.id, metrics=run.row.get("metrics") or {},
+                          features=feature_table(store, run), examples=store.feature_examples(run.id),
+                          set_name=set_name, **run_info(run.config, run.row["hook"], n_layers))
+    if model is not None:
+        ctx = contexts(run, model, run_texts(run)[1])
+        batches = math.ceil(len(ctx) / run.config["activations"]["lm_batch_size"])
+        chunks = tqdm(harvest_run(run, model, ctx), total=batches, desc="activation histograms", unit="batch")
+        add_profiles(pub, (chunk.acts for chunk in chunks), lm.unembedding(model.loaded.model),
+                     lm.token_texts(model.loaded.tokenizer), n_tokens=export["output_tokens"])
+    out = Path(args.out or run.row["output_dir"])
+    # Into the run's own folder the recorded weights stay untouched (their checksum is on record).
+    same = (out / "sae").resolve() == run.sae_dir.resolve()
+    written = write_all(pub, out, neuronpedia=True, weights=not same, features_per_batch=per_batch)
+    console.print(f"run {run.id} exported in {time.time() - started:.0f}s")
+    console.print(f"  SAELens folder:      {written.saelens}")
+    console.print(f"  Neuronpedia package: {written.package}")
+    console.print(f"  dashboard files:     {written.dashboard or 'skipped (--no-model)'}")
+    console.print(f"next: python -m midisc.verify {run.id}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_tool(main)

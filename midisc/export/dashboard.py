@@ -1,0 +1,169 @@
+"""Neuronpedia dashboard files, in the layout its importer reads (`exports/<model>/<layer>-<set>/`).
+
+Field names follow Neuronpedia's database (apps/webapp/prisma/schema.prisma in hijohnnylin/neuronpedia)
+and SAEDashboard's writer (sae_dashboard/neuronpedia/neuronpedia_export.py), which its importer
+(apps/webapp/app/api/admin/import/route.ts) inserts as they are:
+
+    release.jsonl, model.jsonl, sourceset.jsonl, source.jsonl   one row each, plain JSON lines
+    features/batch-N.jsonl.gz     one row per feature (table Neuron), features N*B .. N*B+B-1
+    activations/batch-N.jsonl.gz  one row per example context of those features (table Activation)
+
+Rules the importer imposes, kept here: it takes the column list from the first line of each file, so
+every line has the same keys; `layer` holds the source id ("15-res-…"), not the layer number; `index`
+is text; array columns are [] rather than null; an activation needs its own unique `id` (ours are
+derived from model, source, feature, kind and rank, so importing twice does not duplicate rows).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from midisc.export import Publication
+
+# Neuronpedia's seeded "bot" user, which SAEDashboard also uses when no creator is given.
+BOT_CREATOR_ID = "clkht01d40000jv08hvalcvly"
+META_FILES = ("release.jsonl", "model.jsonl", "sourceset.jsonl", "source.jsonl")
+
+# The fields each batch row must carry, with their JSON types; `verify` checks every line against these.
+FEATURE_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "modelId": str, "layer": str, "index": str, "sourceSetName": str, "creatorId": str,
+    "maxActApprox": (int, float), "frac_nonzero": (int, float), "hookName": str,
+    "pos_str": list, "pos_values": list, "neg_str": list, "neg_values": list,
+    "freq_hist_data_bar_heights": list, "freq_hist_data_bar_values": list,
+    "logits_hist_data_bar_heights": list, "logits_hist_data_bar_values": list,
+    "topkCosSimIndices": list, "topkCosSimValues": list,
+    "neuron_alignment_indices": list, "neuron_alignment_values": list, "neuron_alignment_l1": list,
+}
+ACTIVATION_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "id": str, "modelId": str, "layer": str, "index": str, "creatorId": str, "tokens": list, "values": list,
+    "maxValue": (int, float), "maxValueTokenIndex": int, "minValue": (int, float),
+    "binMin": (int, float), "binMax": (int, float), "binContains": (int, float), "qualifyingTokenIndex": int,
+    "dfaValues": list, "lossValues": list,
+}
+
+
+def _round(values: list[float], digits: int = 5) -> list[float]:
+    return [round(float(v), digits) for v in values]
+
+
+def metadata_rows(pub: Publication, now: str) -> dict[str, dict[str, Any]]:
+    from midisc.export import layer_number, model_id, set_name, source_id
+
+    model, name, source = model_id(pub.model), set_name(pub), source_id(pub)
+    sae = pub.sae
+    title = f"midisc {sae.architecture} SAE, {sae.d_sae} features, {pub.model} {pub.hook}"
+    release = {"name": f"{model}-{name}", "description": title, "descriptionShort": title, "creatorName": "midisc",
+               "creatorNameShort": "midisc", "creatorId": BOT_CREATOR_ID, "visibility": "PUBLIC", "isNewUi": False,
+               "featured": False, "urls": [], "defaultUmapSourceIds": [], "createdAt": now}
+    model_row = {"id": model, "displayName": pub.model, "displayNameShort": model, "creatorId": BOT_CREATOR_ID,
+                 "instruct": "instruct" in model or model.endswith("-it"), "dimension": sae.d_in,
+                 "layers": pub.n_layers, "neuronsPerLayer": sae.d_in, "owner": "", "visibility": "PUBLIC",
+                 "inferenceEnabled": False, "createdAt": now, "updatedAt": now}
+    sourceset = {"modelId": model, "name": name, "creatorId": BOT_CREATOR_ID, "creatorName": "midisc",
+                 "description": f"{pub.site} {sae.architecture} SAE, {sae.d_sae} features", "type": "sae",
+                 "hasDashboards": True, "visibility": "PUBLIC", "releaseName": release["name"], "urls": [],
+                 "createdAt": now}
+    source = {"id": source, "modelId": model, "setName": name, "creatorId": BOT_CREATOR_ID, "hasDashboards": True,
+              "visibility": "PUBLIC", "inferenceEnabled": False, "dataset": str(pub.metadata.get("dataset_path")),
+              "num_tokens_in_prompt": int(pub.metadata.get("context_size") or 0),
+              "notes": f"layer {layer_number(pub)}, hook {pub.hook}, trained with midisc", "createdAt": now}
+    return {"release.jsonl": release, "model.jsonl": model_row, "sourceset.jsonl": sourceset, "source.jsonl": source}
+
+
+def feature_row(pub: Publication, i: int, now: str) -> dict[str, Any]:
+    from midisc.export import model_id, set_name, source_id
+
+    hist, outputs = pub.activation_histograms, pub.outputs
+    logits = outputs.histograms if outputs is not None else None
+    promoted, suppressed = pub.output_tokens or ([[]] * pub.sae.d_sae, [[]] * pub.sae.d_sae)
+    decoder = pub.sae.W_dec[i].detach().float().cpu()
+    align = decoder.abs().topk(min(3, len(decoder)))
+    similar_ids, similar_cos = pub.similar if pub.similar is not None else (None, None)
+    return {
+        "modelId": model_id(pub.model), "layer": source_id(pub), "index": str(i), "sourceSetName": set_name(pub),
+        "creatorId": BOT_CREATOR_ID, "createdAt": now,
+        "maxActApprox": float(pub.features.max_activation[i] or 0.0),
+        "frac_nonzero": float(pub.features.frequency[i]), "hookName": pub.hook, "hasVector": False, "vector": [],
+        # Output tokens need a residual-width hook; other hooks get empty lists, as the importer expects.
+        "pos_str": promoted[i], "pos_values": [] if outputs is None else _round(outputs.top_values[i].tolist(), 4),
+        "neg_str": suppressed[i], "neg_values": [] if outputs is None else _round(outputs.bottom_values[i].tolist(), 4),
+        "freq_hist_data_bar_heights": [int(h) for h in hist.heights[i].tolist()],
+        "freq_hist_data_bar_values": _round(hist.centres[i].tolist()),
+        "logits_hist_data_bar_heights": [] if logits is None else [int(h) for h in logits.heights[i].tolist()],
+        "logits_hist_data_bar_values": [] if logits is None else _round(logits.centres[i].tolist()),
+        "topkCosSimIndices": [] if similar_ids is None else similar_ids[i].tolist(),
+        "topkCosSimValues": [] if similar_cos is None else _round(similar_cos[i].tolist(), 4),
+        # The residual dimensions the feature writes to most (SAEDashboard's "neuron alignment", top 3).
+        "neuron_alignment_indices": align.indices.tolist(),
+        "neuron_alignment_values": _round(decoder[align.indices].tolist()),
+        "neuron_alignment_l1": _round((align.values / decoder.abs().sum().clamp_min(1e-12)).tolist()),
+        "decoder_weights_dist": [],
+    }
+
+
+def activation_row(pub: Publication, example: dict[str, Any], now: str) -> dict[str, Any]:
+    from midisc.export import model_id, source_id
+
+    model, source, i = model_id(pub.model), source_id(pub), int(example["feature_index"])
+    values = [float(v) for v in example["values"]]
+    peak = max(values)
+    top = example["kind"] == "top"
+    key = f"{model}/{source}/{i}/{example['kind']}/{example['rank']}"
+    return {
+        "id": "md" + hashlib.sha1(key.encode()).hexdigest()[:23], "modelId": model, "layer": source, "index": str(i),
+        "creatorId": BOT_CREATOR_ID, "createdAt": now, "tokens": list(example["tokens"]), "values": _round(values),
+        "maxValue": round(peak, 5), "maxValueTokenIndex": values.index(peak), "minValue": round(min(values), 5),
+        # SAEDashboard marks its top-activation group with bin -1; our other group is a uniform sample of
+        # all firing tokens, i.e. the bin [0, max] holding the feature's whole firing fraction.
+        "binMin": -1.0 if top else 0.0,
+        "binMax": round(float(pub.features.max_activation[i] or peak), 5),
+        "binContains": -1.0 if top else float(pub.features.frequency[i]),
+        "qualifyingTokenIndex": int(example["max_token_index"]),
+        "dataSource": None, "dataIndex": None, "dfaValues": [], "lossValues": [],
+    }
+
+
+def _write_gz(path: Path, rows: list[dict[str, Any]]) -> None:
+    text = "".join(json.dumps(row, allow_nan=False, ensure_ascii=False) + "\n" for row in rows)
+    path.write_bytes(gzip.compress(text.encode(), compresslevel=5))
+
+
+def write(pub: Publication, folder: Path, *, features_per_batch: int = 128) -> Path:
+    if features_per_batch < 1:
+        raise ValueError(f"features_per_batch must be >= 1, got {features_per_batch}")
+    folder = Path(folder)
+    (folder / "features").mkdir(parents=True, exist_ok=True)
+    (folder / "activations").mkdir(parents=True, exist_ok=True)
+    for stale in [*folder.glob("features/batch-*.jsonl.gz"), *folder.glob("activations/batch-*.jsonl.gz")]:
+        stale.unlink()  # a re-export with another batch size must not leave old batches behind
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    for name, row in metadata_rows(pub, now).items():
+        (folder / name).write_text(json.dumps(row, allow_nan=False) + "\n")
+    by_feature: dict[int, list[dict[str, Any]]] = {}
+    for example in pub.examples:
+        by_feature.setdefault(int(example["feature_index"]), []).append(example)
+    for batch, start in enumerate(range(0, pub.sae.d_sae, features_per_batch)):
+        indices = range(start, min(start + features_per_batch, pub.sae.d_sae))
+        _write_gz(folder / "features" / f"batch-{batch}.jsonl.gz", [feature_row(pub, i, now) for i in indices])
+        _write_gz(folder / "activations" / f"batch-{batch}.jsonl.gz",
+                  [activation_row(pub, ex, now) for i in indices for ex in by_feature.get(i, [])])
+    return folder
+
+
+def check_row(row: Any, fields: dict[str, type | tuple[type, ...]]) -> str | None:
+    """Why a parsed line lacks a required field or has the wrong type; None when it is fine."""
+    if not isinstance(row, dict):
+        return f"a line is {type(row).__name__}, not an object"
+    for name, kind in fields.items():
+        if name not in row:
+            return f"field {name!r} is missing"
+        value = row[name]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            return f"field {name!r} is {type(value).__name__}, expected {getattr(kind, '__name__', kind)}"
+    return None
