@@ -145,9 +145,13 @@ def _need_record(t: Target) -> None:
 def files_present(t: Target) -> str:
     wanted = [t.sae_dir / name for name in (CFG_FILENAME, WEIGHTS_FILENAME, SPARSITY_FILENAME)]
     if t.expect_neuronpedia:
-        if t.package_dir is None or t.dashboard_dir is None:
-            missing = "Neuronpedia package (*_neuronpedia/)" if t.package_dir is None else "dashboard (exports/…/)"
-            raise Failure(f"no {missing} folder in {t.output_dir}; run python -m midisc.export")
+        for folder, pattern, what in ((t.package_dir, "*_neuronpedia", "Neuronpedia package"),
+                                      (t.dashboard_dir, "exports/*/*", "dashboard export")):
+            if folder is None:
+                found = sorted(p.relative_to(t.output_dir).as_posix() for p in t.output_dir.glob(pattern))
+                if found:
+                    raise Failure(f"several {what} folders ({', '.join(found)}); remove the stale ones")
+                raise Failure(f"no {what} folder ({pattern}) in {t.output_dir}; run python -m midisc.export")
         wanted += [t.package_dir / name for name in PACKAGE_FILES]
         wanted += [t.dashboard_dir / name for name in META_FILES]
     missing = [str(p) for p in wanted if not p.is_file()]

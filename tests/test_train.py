@@ -42,6 +42,12 @@ def check_recorded(url, result, epochs=2):
     (model,) = store.sae_models(result.run_id)
     assert model["checksum"] == sha256(Path(model["path"]) / WEIGHTS_FILENAME)
     store.close()
+    # Published at the end of training: SAELens folder, Neuronpedia package and dashboards, probe, curve.
+    out = result.output_dir
+    assert (result.sae_dir / "sparsity.safetensors").is_file() and (out / "probe.safetensors").is_file()
+    assert (out / f"run-{result.run_id}_neuronpedia" / "feature_analysis.json").is_file()
+    assert len(list(out.glob("exports/*/*/features/batch-*.jsonl.gz"))) == -(-result.sae.d_sae // 128)
+    assert (out / "curves.csv").read_text().startswith("step,epoch,train/loss")
     return run
 
 
@@ -61,6 +67,12 @@ def test_tiny_phi_relu_on_the_seed_hook(tmp_path, tiny_phi, text_folder):
     assert run["hook"] == "model.layers.1.mlp.fc2" and run["architecture"] == "standard"
 
 
+def test_without_neuronpedia_only_the_saelens_folder_is_written(tmp_path, tiny_llama, text_folder):
+    result, _ = run_tiny(tmp_path, tiny_llama, text_folder, "export.neuronpedia=false", "epochs=1")
+    assert (result.sae_dir / "sparsity.safetensors").is_file()
+    assert not list(result.output_dir.glob("*_neuronpedia")) and not (result.output_dir / "exports").exists()
+
+
 def test_disk_cache_is_written_and_reused(tmp_path, tiny_llama, text_folder):
     extra = ("activations.cache=disk", f"activations.cache_dir={tmp_path / 'cache'}")
     first, _ = run_tiny(tmp_path, tiny_llama, text_folder, *extra)
@@ -77,6 +89,8 @@ def test_disk_cache_is_written_and_reused(tmp_path, tiny_llama, text_folder):
     (("data.path=/no/such/texts",), Exception, "data.path='/no/such/texts' is not a folder"),
     (("storage.url=postgresql+psycopg2://me:s3cret@127.0.0.1:1/db",), StoreError, "127.0.0.1"),
     (("batch_size=100000",), ConfigError, "fewer than one batch of batch_size=100000"),
+    (("export.features_per_batch=0",), ConfigError, "export.features_per_batch=0 is too small; it must be >= 1"),
+    (("export.neuronpedia=maybe",), ConfigError, "export.neuronpedia must be true or false, got 'maybe'"),
 ])
 def test_bad_input_fails_with_one_line(tmp_path, tiny_llama, text_folder, extra, error, message):
     with pytest.raises(error) as info:

@@ -1,0 +1,83 @@
+"""Activation histograms, output tokens and similar features against naive per-feature loops."""
+
+import torch
+
+from midisc import lm, profiles
+from midisc.sae import ReluSAE
+
+
+def relu_sae(d_in=8, expansion=4, seed=0):
+    sae = ReluSAE(d_in, expansion, seed=seed)
+    with torch.no_grad():
+        sae.b_enc.uniform_(-0.2, 0.2)
+    return sae
+
+
+def test_activation_histograms_match_histc_per_feature_and_ignore_batching():
+    sae, x = relu_sae(), torch.randn(500, 8)
+    codes = sae.encode(x).detach()
+    peak = codes.max(0).values
+    hist = profiles.activation_histograms(sae, [x], peak, bins=7)
+    for f in range(sae.d_sae):
+        fired = codes[:, f][codes[:, f] > 0]
+        expected = torch.histc(fired, bins=7, min=0, max=float(peak[f])) if len(fired) else torch.zeros(7)
+        assert hist.heights[f].tolist() == expected.long().tolist(), f
+        assert int(hist.heights[f].sum()) == len(fired)
+    assert torch.allclose(hist.centres[:, 0], peak / 14) and torch.allclose(hist.centres[:, -1], peak * 13 / 14)
+    split = profiles.activation_histograms(sae, x.split(37), peak, bins=7)
+    assert torch.equal(split.heights, hist.heights)
+
+
+def test_values_above_the_given_max_land_in_the_last_bin():
+    sae, x = relu_sae(), torch.randn(200, 8)
+    codes = sae.encode(x).detach()
+    hist = profiles.activation_histograms(sae, [x], codes.max(0).values / 2, bins=4)
+    assert torch.equal(hist.heights.sum(1), (codes > 0).sum(0))
+
+
+def test_output_effects_match_the_full_product_in_small_blocks(monkeypatch):
+    monkeypatch.setattr(profiles, "_BLOCK_ELEMENTS", 100)  # forces one feature per block
+    w_dec, unembed = torch.randn(12, 6), torch.randn(40, 6)
+    out = profiles.output_effects(w_dec, unembed, n=5, bins=8)
+    full = unembed @ w_dec.T  # [vocab, d_sae]
+    for f in range(12):
+        column = full[:, f]
+        assert out.top_ids[f].tolist() == column.topk(5).indices.tolist()
+        assert out.bottom_ids[f].tolist() == (-column).topk(5).indices.tolist()
+        assert torch.allclose(out.bottom_values[f], column.sort().values[:5], atol=1e-5)
+        assert int(out.histograms.heights[f].sum()) == 40
+        assert torch.histc(column, bins=8, min=float(column.min()), max=float(column.max())).long().tolist() \
+            == out.histograms.heights[f].tolist()
+
+
+def test_output_effects_refuse_a_hook_of_another_width():
+    try:
+        profiles.output_effects(torch.randn(4, 6), torch.randn(10, 5))
+    except ValueError as err:
+        assert "width 6" in str(err) and "5" in str(err)
+    else:
+        raise AssertionError("expected a ValueError")
+
+
+def test_similar_features_find_a_planted_twin_and_never_themselves(monkeypatch):
+    monkeypatch.setattr(profiles, "_BLOCK_ELEMENTS", 50)
+    w_dec = torch.randn(20, 8)
+    w_dec[7] = 3 * w_dec[2]
+    indices, cosines = profiles.similar_features(w_dec, n=4)
+    assert indices[2, 0] == 7 and indices[7, 0] == 2 and abs(float(cosines[2, 0]) - 1) < 1e-5
+    assert all(f not in indices[f].tolist() for f in range(20))
+    rows = torch.nn.functional.normalize(w_dec, dim=1)
+    naive = (rows @ rows.T).fill_diagonal_(-2).topk(4, dim=1)
+    assert torch.allclose(cosines, naive.values, atol=1e-6)
+
+
+def test_unembedding_folds_the_final_norm_weight(tiny_llama):
+    loaded = lm.load_model(str(tiny_llama), device_map=None)
+    model = loaded.model
+    with torch.no_grad():
+        model.model.norm.weight.uniform_(0.5, 2.0)
+    expected = model.get_output_embeddings().weight * model.model.norm.weight
+    assert torch.allclose(lm.unembedding(model), expected)
+    # The logit change of a direction added to the last hidden state, with the norm's 1/rms fixed.
+    h = torch.randn(model.config.hidden_size)
+    assert torch.allclose(model.lm_head(model.model.norm.weight * h), lm.unembedding(model) @ h, atol=1e-5)
