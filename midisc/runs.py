@@ -16,6 +16,7 @@ import torch
 
 from midisc import corpus, lm
 from midisc.activations import ContextChunk, harvest_contexts
+from midisc.profiles import output_effects, token_lists
 from midisc.sae import SparseAutoencoder, load_sae
 from midisc.store import Store
 
@@ -84,7 +85,7 @@ def harvest_run(run: OpenedRun, model: RunModel, contexts_: torch.Tensor,
 
 
 def logit_effects(store: Store, run_id: int, feature: int, n: int = 10) -> dict[str, list] | str:
-    """The output tokens a feature's decoder direction boosts and suppresses most (W_dec[feature] @ W_U.T).
+    """The output tokens a feature's decoder direction boosts and suppresses most, as the dashboards show them.
 
     Loads the run's model; when that cannot be done the reason comes back as a string to show instead.
     """
@@ -93,12 +94,10 @@ def logit_effects(store: Store, run_id: int, feature: int, n: int = 10) -> dict[
         loaded = open_model(run).loaded
     except (RunError, lm.ModelError) as err:
         return f"not shown: {err}"
-    unembed = loaded.model.get_output_embeddings().weight.float()  # [vocab, d_model]
-    if unembed.shape[1] != run.sae.d_in:
-        return f"not shown: the hook's width {run.sae.d_in} is not the unembedding's {unembed.shape[1]}"
-    with torch.no_grad():
-        logits = unembed @ run.sae.W_dec[feature].float().to(unembed.device)
-        up, down = logits.topk(n), (-logits).topk(n)
+    try:
+        effects = output_effects(run.sae.W_dec[feature:feature + 1].detach(), lm.unembedding(loaded.model), n=n)
+    except ValueError as err:
+        return f"not shown: {err}"
     decode = lm.token_texts(loaded.tokenizer)
-    return {"boosted": list(zip(decode(up.indices.tolist()), up.values.tolist())),
-            "suppressed": list(zip(decode(down.indices.tolist()), (-down.values).tolist()))}
+    return {"boosted": list(zip(token_lists(effects.top_ids, decode)[0], effects.top_values[0].tolist())),
+            "suppressed": list(zip(token_lists(effects.bottom_ids, decode)[0], effects.bottom_values[0].tolist()))}

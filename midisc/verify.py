@@ -61,6 +61,17 @@ def _one(folder: Path, pattern: str) -> Path | None:
     return found[0] if len(found) == 1 else None
 
 
+def _dashboard(output_dir: Path, sae_dir: Path) -> Path | None:
+    """The dashboard folder the SAE's cfg.json names (the latest export), else the only one there is."""
+    try:
+        named = json.loads((sae_dir / CFG_FILENAME).read_text())["metadata"]["neuronpedia_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        named = None
+    if named and (output_dir / EXPORTS_FOLDER / named).is_dir():
+        return output_dir / EXPORTS_FOLDER / named
+    return _one(output_dir, f"{EXPORTS_FOLDER}/*/*")
+
+
 def make_target(args: argparse.Namespace, store: Store | None) -> tuple[Target, dict | None]:
     run = None
     if args.target.isdigit():
@@ -80,7 +91,7 @@ def make_target(args: argparse.Namespace, store: Store | None) -> tuple[Target, 
         raise UsageError(f"no SAE folder at {sae_dir}; is {output_dir} a midisc run folder?")
     export = ((run or {}).get("config") or {}).get("export") or {}
     target = Target(output_dir=output_dir, sae_dir=sae_dir, package_dir=_one(output_dir, "*_neuronpedia"),
-                    dashboard_dir=_one(output_dir, f"{EXPORTS_FOLDER}/*/*"),
+                    dashboard_dir=_dashboard(output_dir, sae_dir),
                     expect_neuronpedia=export.get("neuronpedia", True), run=run, saved=saved,
                     features=store.features(run["id"]) if run else None)
     return target, run

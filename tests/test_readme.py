@@ -45,6 +45,9 @@ def test_main_command_trains_the_default_sae_to_the_quality_bar(tmp_path):
     (run,) = store.list_runs()
     assert run["status"] == "completed" and run["model"] == "SmolLM2-135M-Instruct"
     assert len(store.epoch_metrics(run["id"])) == 3 and len(store.features(run["id"])) == 4608
+    # The run publishes itself, and what it published passes every check (SAELens's own load where installed).
+    proc = run_cli(["midisc.verify", str(run["id"])], cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0 and "0 failed" in proc.stdout, proc.stdout + proc.stderr[-2000:]
 
 
 @pytest.mark.slow
