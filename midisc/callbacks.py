@@ -131,7 +131,7 @@ class Publisher(L.Callback):
         pub = Publication(sae=pl_module.sae, run_id=rec.run_id, metrics=rec.metrics, features=table,
                           examples=rec.examples, set_name=self.options["set_name"], **self.info)
         if self.options["neuronpedia"]:
-            add_profiles(pub, (chunk.acts for chunk in rec.heldout), self.unembed(), rec.decode,
+            add_profiles(pub, [chunk.acts for chunk in rec.heldout], self.unembed(), rec.decode,
                          n_tokens=self.options["output_tokens"])
         write_probe(pl_module.sae, torch.cat([c.acts for c in rec.heldout[:4]]), self.output_dir / PROBE_FILENAME)
         self.written = write_all(pub, self.output_dir, neuronpedia=self.options["neuronpedia"],

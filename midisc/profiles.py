@@ -1,6 +1,6 @@
 """What a feature dashboard shows besides examples: activation histograms and what the decoder writes.
 
-- `activation_histograms`: per feature, how its nonzero activations spread between 0 and its maximum
+- `activation_histograms`: per feature, how its nonzero activations spread between their min and max
   (Neuronpedia's "activation density" bars), counted in one pass over activation batches.
 - `output_effects`: per feature, the output tokens its decoder direction promotes and suppresses most
   (direction @ W_U.T, the logit lens of the feature) and the histogram of that effect over the vocabulary.
@@ -11,7 +11,8 @@ All vectorised over features and chunked so 20k+ features fit in memory; nothing
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,25 +41,28 @@ def _centres(low: torch.Tensor, high: torch.Tensor, bins: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def activation_histograms(sae: SparseAutoencoder, batches: Iterable[torch.Tensor], max_activation: torch.Tensor,
-                          bins: int = 50) -> Histograms:
-    """Counts of each feature's nonzero activations in `bins` equal bins over [0, max_activation[f]].
+def activation_histograms(sae: SparseAutoencoder, batches: Sequence[torch.Tensor], bins: int = 50) -> Histograms:
+    """Counts of each feature's nonzero activations in `bins` equal bins between its smallest and largest.
 
-    `max_activation` [d_sae] comes from a first pass (the feature statistics); values above it, from
-    other text, land in the last bin.
+    Two passes over `batches` (raw activations [n, d_in], held in memory): the range, then the counts,
+    so the bars span what the feature actually does, as SAEDashboard's histograms do.
     """
     device = sae.W_dec.device
-    peak = max_activation.to(device, torch.float32)
+    low = torch.full((sae.d_sae,), math.inf, device=device)
+    high = torch.zeros(sae.d_sae, device=device)
+    for x in batches:
+        codes = sae.encode(x.to(device, torch.float32))
+        high = torch.maximum(high, codes.max(0).values)
+        low = torch.minimum(low, codes.masked_fill(codes <= 0, math.inf).min(0).values)
+    low = torch.where(torch.isinf(low), torch.zeros_like(low), low)  # never fired: an empty [0, 0] range
     counts = torch.zeros(sae.d_sae * bins, dtype=torch.long, device=device)
     offsets = torch.arange(sae.d_sae, device=device) * bins
-    zero = torch.zeros_like(peak)
     for x in batches:
         codes = sae.encode(x.to(device, torch.float32))  # [n, d_sae]
         rows, features = codes.nonzero(as_tuple=True)
-        values = codes[rows, features]
-        index = _binned(values, zero[features], peak[features], bins) + offsets[features]
+        index = _binned(codes[rows, features], low[features], high[features], bins) + offsets[features]
         counts += torch.bincount(index, minlength=counts.numel())
-    return Histograms(heights=counts.view(sae.d_sae, bins).cpu(), centres=_centres(zero.cpu(), peak.cpu(), bins))
+    return Histograms(heights=counts.view(sae.d_sae, bins).cpu(), centres=_centres(low.cpu(), high.cpu(), bins))
 
 
 @dataclass

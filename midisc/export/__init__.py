@@ -12,7 +12,7 @@ on, its feature statistics, examples and profiles), by the training callback at 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,12 +140,11 @@ class Written:
     dashboard: Path | None = None
 
 
-def add_profiles(pub: Publication, batches: Iterable[torch.Tensor], unembed: torch.Tensor | None,
+def add_profiles(pub: Publication, batches: Sequence[torch.Tensor], unembed: torch.Tensor | None,
                  decode: Callable[[Sequence[int]], list[str]], *, n_tokens: int = 10) -> Publication:
-    """Fill in what the dashboards show beyond statistics: activation histograms (one pass over `batches`,
-    raw activations [n, d_in]), output tokens through `unembed` [vocab, d_in] and similar features."""
-    peaks = torch.tensor([m or 0.0 for m in pub.features.max_activation])
-    pub.activation_histograms = profiles.activation_histograms(pub.sae, batches, peaks)
+    """Fill in what the dashboards show beyond statistics: activation histograms (over `batches`, raw
+    activations [n, d_in]), output tokens through `unembed` [vocab, d_in] and similar features."""
+    pub.activation_histograms = profiles.activation_histograms(pub.sae, batches)
     if unembed is not None and unembed.shape[1] == pub.sae.d_in:  # else the hook is not residual-width
         pub.outputs = profiles.output_effects(pub.sae.W_dec.detach(), unembed, n=n_tokens)
         pub.output_tokens = (profiles.token_lists(pub.outputs.top_ids, decode),

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         ctx = contexts(run, model, run_texts(run)[1])
         batches = math.ceil(len(ctx) / run.config["activations"]["lm_batch_size"])
         chunks = tqdm(harvest_run(run, model, ctx), total=batches, desc="activation histograms", unit="batch")
-        add_profiles(pub, (chunk.acts for chunk in chunks), lm.unembedding(model.loaded.model),
+        add_profiles(pub, [chunk.acts for chunk in chunks], lm.unembedding(model.loaded.model),
                      lm.token_texts(model.loaded.tokenizer), n_tokens=export["output_tokens"])
     out = Path(args.out or run.row["output_dir"])
     # Into the run's own folder the recorded weights stay untouched (their checksum is on record).
