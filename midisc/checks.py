@@ -358,7 +358,9 @@ def dead_features(t: Target) -> str:
             counts["run dead_frac × d_sae"] = round(t.run["dead_frac"] * t.cfg["d_sae"])
         frequency = [f["frequency"] or 0.0 for f in t.features]
         if not torch.allclose(log10_density(frequency), t.sparsity.float(), atol=1e-4):
-            raise Failure(f"{SPARSITY_FILENAME} does not match the recorded feature frequencies")
+            raise Failure(f"{SPARSITY_FILENAME} does not match the recorded feature frequencies (re-analysed "
+                          f"since it was written? python -m midisc.export {t.run['id'] if t.run else 'RUN'} "
+                          "writes it again)")
     if t.package_dir is not None:
         analysis = _json(t.package_file(ANALYSIS_FILENAME))
         rows = analysis.get("features") or []

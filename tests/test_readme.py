@@ -67,5 +67,5 @@ def test_every_other_readme_command_runs(tmp_path):
         else:
             proc = subprocess.run([sys.executable, *words[1:]], cwd=tmp_path, capture_output=True, text=True,
                                   timeout=120)
-        assert proc.returncode == 0, f"{command}\n{proc.stderr[-3000:]}"
+        assert proc.returncode == 0, f"{command}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert len(Store(f"sqlite:///{tmp_path / 'outputs' / 'midisc.db'}").list_runs()) >= 7

@@ -162,3 +162,14 @@ def test_export_rewrites_the_files_and_leaves_the_recorded_weights(published, ca
     assert export_main([str(run_id), "--db", url, "--out", str(tmp_path / "elsewhere"), "--no-model"]) == 0
     assert (tmp_path / "elsewhere" / "sae" / "sae_weights.safetensors").read_bytes() == weights
     assert not (tmp_path / "elsewhere" / "exports").exists()
+
+
+def test_statistics_replaced_after_export_are_reported_stale_until_exported_again(published, capsys):
+    out, url, run_id = published
+    set_db(url, "UPDATE discovered_features SET frequency = frequency * 2 WHERE feature_index = 3")  # as analyze does
+    code, results, _ = checks(capsys, run_id, "--db", url, "--no-model")
+    assert code == 1 and "python -m midisc.export" in results["dead features agree"]["reason"]
+    assert export_main([str(run_id), "--db", url]) == 0
+    capsys.readouterr()
+    code, results, _ = checks(capsys, run_id, "--db", url, "--no-model")
+    assert code == 0, results
