@@ -123,11 +123,8 @@ class Publisher(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         rec = self.recorder
         stats = rec.analysis.stats
-        never = stats.frequency == 0  # mean and max are undefined for a feature that never fired
-        table = FeatureTable(frequency=stats.frequency.tolist(),
-                             mean_activation=[None if n else v for n, v in zip(never.tolist(), stats.mean_activation.tolist())],
-                             max_activation=[None if n else v for n, v in zip(never.tolist(), stats.max_activation.tolist())],
-                             is_dead=rec.is_dead, n_tokens=stats.n_tokens)
+        table = FeatureTable.of(stats.frequency.tolist(), stats.mean_activation.tolist(),
+                                stats.max_activation.tolist(), rec.is_dead, stats.n_tokens)
         pub = Publication(sae=pl_module.sae, run_id=rec.run_id, metrics=rec.metrics, features=table,
                           examples=rec.examples, set_name=self.options["set_name"], **self.info)
         if self.options["neuronpedia"]:

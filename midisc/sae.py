@@ -175,12 +175,13 @@ class SparseAutoencoder(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / CFG_FILENAME).write_text(json.dumps(self.cfg_dict(metadata), indent=2) + "\n")
-        tensors = {
-            name: getattr(self, name).detach().to("cpu", torch.float32).contiguous()
-            for name in ("W_enc", "W_dec", "b_enc", "b_dec")
-        }
-        save_file(tensors, str(folder / WEIGHTS_FILENAME))
+        save_file(self.cpu_tensors(), str(folder / WEIGHTS_FILENAME))
         return folder
+
+    def cpu_tensors(self) -> dict[str, Tensor]:
+        """The parameters under their SAELens names, as contiguous float32 CPU tensors, ready to save."""
+        return {name: getattr(self, name).detach().to("cpu", torch.float32).contiguous()
+                for name in ("W_enc", "W_dec", "b_enc", "b_dec")}
 
 
 class ReluSAE(SparseAutoencoder):

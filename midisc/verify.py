@@ -20,7 +20,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 
 from midisc import lm, plots
 from midisc.callbacks import CURVES_FILENAME
@@ -28,7 +27,7 @@ from midisc.checks import FAIL, PASS, SKIP, Skipped, Target, run_checks
 from midisc.cli import UsageError, add_db_argument, make_console, make_table, open_store, print_json, run_tool
 from midisc.export import EXPORTS_FOLDER, PROBE_FILENAME, SAE_FOLDER
 from midisc.export.neuronpedia import ANALYSIS_FILENAME
-from midisc.metrics import ReconstructionTotals
+from midisc.metrics import evaluate
 from midisc.runs import RunError, contexts, harvest_run, open_model, open_run, run_texts
 from midisc.sae import CFG_FILENAME
 from midisc.store import Store, StoreError
@@ -85,7 +84,7 @@ def make_target(args: argparse.Namespace, store: Store | None) -> tuple[Target, 
             raise UsageError(f"{path} does not exist; give a run id, a run folder or a SAELens folder")
         output_dir = path.parent if (path / CFG_FILENAME).is_file() else path
         run = _find_record(store, output_dir)
-    saved = store.sae_models(run["id"])[-1] if run and store.sae_models(run["id"]) else None
+    saved = (store.sae_models(run["id"]) or [None])[-1] if run else None
     sae_dir = Path(saved["path"]) if saved else output_dir / SAE_FOLDER
     if not sae_dir.is_dir():
         raise UsageError(f"no SAE folder at {sae_dir}; is {output_dir} a midisc run folder?")
@@ -107,13 +106,8 @@ def fresh_fvu(store: Store, run_id: int, tokens: int):
             raise Skipped(f"the run's model does not load: {err}") from None
         ctx = contexts(run, model, run_texts(run)[1])
         ctx = ctx[: max(1, math.ceil(tokens / run.config["context_size"]))]
-        totals = ReconstructionTotals()
-        with torch.no_grad():
-            for chunk in harvest_run(run, model, ctx, progress="fresh activations"):
-                x = chunk.acts.float()
-                out = run.sae(x)
-                totals.update(x, out.x_hat, out.codes)
-        return totals.compute()["fvu"], totals.n
+        acts = [chunk.acts for chunk in harvest_run(run, model, ctx, progress="fresh activations")]
+        return evaluate(run.sae, acts)["fvu"], sum(len(a) for a in acts)
     return measure
 
 

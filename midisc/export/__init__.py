@@ -41,6 +41,16 @@ class FeatureTable:
     is_dead: list[bool]                   # dead during training (no firing in the dead window)
     n_tokens: int
 
+    @classmethod
+    def of(cls, frequency: Sequence[float | None], mean_activation: Sequence[float], max_activation: Sequence[float],
+           is_dead: Sequence[bool], n_tokens: int) -> FeatureTable:
+        """From stored or measured columns; mean and max mean nothing (None) for a feature that never fired."""
+        fired = [bool(f) for f in frequency]
+        return cls(frequency=[f or 0.0 for f in frequency],
+                   mean_activation=[m if f else None for m, f in zip(mean_activation, fired)],
+                   max_activation=[m if f else None for m, f in zip(max_activation, fired)],
+                   is_dead=[bool(d) for d in is_dead], n_tokens=int(n_tokens))
+
 
 @dataclass
 class Publication:

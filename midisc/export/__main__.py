@@ -44,12 +44,9 @@ def feature_table(store: Store, run: OpenedRun) -> FeatureTable:
     if len(rows) != run.sae.d_sae:
         raise UsageError(f"run {run.id} has {len(rows)} feature rows for {run.sae.d_sae} features; "
                          f"run python -m midisc.analyze {run.id} first")
-    fired = [bool(r["frequency"]) for r in rows]  # mean and max mean nothing for a feature that never fired
     analysed = (run.row.get("metrics") or {}).get("analysed_tokens")
-    return FeatureTable(frequency=[r["frequency"] or 0.0 for r in rows],
-                        mean_activation=[r["mean_activation"] if f else None for r, f in zip(rows, fired)],
-                        max_activation=[r["max_activation"] if f else None for r, f in zip(rows, fired)],
-                        is_dead=[bool(r["is_dead"]) for r in rows], n_tokens=int(analysed or 0))
+    return FeatureTable.of([r["frequency"] for r in rows], [r["mean_activation"] for r in rows],
+                           [r["max_activation"] for r in rows], [r["is_dead"] for r in rows], int(analysed or 0))
 
 
 def main(argv: list[str] | None = None) -> int:

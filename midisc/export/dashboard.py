@@ -19,6 +19,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,10 +53,25 @@ def _round(values: list[float], digits: int = 5) -> list[float]:
     return [round(float(v), digits) for v in values]
 
 
-def metadata_rows(pub: Publication, now: str) -> dict[str, dict[str, Any]]:
-    from midisc.export import layer_number, model_id, set_name, source_id
+@dataclass(frozen=True)
+class Names:
+    """The ids every row repeats, worked out once per export rather than once per row."""
 
-    model, name, source = model_id(pub.model), set_name(pub), source_id(pub)
+    model: str   # Neuronpedia model id
+    set: str     # source-set name
+    source: str  # source id, "<layer>-<set>"
+
+    @classmethod
+    def of(cls, pub: Publication) -> Names:
+        from midisc.export import model_id, set_name, source_id
+
+        return cls(model=model_id(pub.model), set=set_name(pub), source=source_id(pub))
+
+
+def metadata_rows(pub: Publication, names: Names, now: str) -> dict[str, dict[str, Any]]:
+    from midisc.export import layer_number
+
+    model, name, source = names.model, names.set, names.source
     sae = pub.sae
     title = f"midisc {sae.architecture} SAE, {sae.d_sae} features, {pub.model} {pub.hook}"
     release = {"name": f"{model}-{name}", "description": title, "descriptionShort": title, "creatorName": "midisc",
@@ -76,23 +92,22 @@ def metadata_rows(pub: Publication, now: str) -> dict[str, dict[str, Any]]:
     return {"release.jsonl": release, "model.jsonl": model_row, "sourceset.jsonl": sourceset, "source.jsonl": source}
 
 
-def feature_row(pub: Publication, i: int, now: str) -> dict[str, Any]:
-    from midisc.export import model_id, set_name, source_id
-
+def feature_row(pub: Publication, names: Names, i: int, now: str) -> dict[str, Any]:
     hist, outputs = pub.activation_histograms, pub.outputs
     logits = outputs.histograms if outputs is not None else None
-    promoted, suppressed = pub.output_tokens or ([[]] * pub.sae.d_sae, [[]] * pub.sae.d_sae)
     decoder = pub.sae.W_dec[i].detach().float().cpu()
     align = decoder.abs().topk(min(3, len(decoder)))
     similar_ids, similar_cos = pub.similar if pub.similar is not None else (None, None)
     return {
-        "modelId": model_id(pub.model), "layer": source_id(pub), "index": str(i), "sourceSetName": set_name(pub),
+        "modelId": names.model, "layer": names.source, "index": str(i), "sourceSetName": names.set,
         "creatorId": BOT_CREATOR_ID, "createdAt": now,
         "maxActApprox": float(pub.features.max_activation[i] or 0.0),
         "frac_nonzero": float(pub.features.frequency[i]), "hookName": pub.hook, "hasVector": False, "vector": [],
         # Output tokens need a residual-width hook; other hooks get empty lists, as the importer expects.
-        "pos_str": promoted[i], "pos_values": [] if outputs is None else _round(outputs.top_values[i].tolist(), 4),
-        "neg_str": suppressed[i], "neg_values": [] if outputs is None else _round(outputs.bottom_values[i].tolist(), 4),
+        "pos_str": [] if outputs is None else pub.output_tokens[0][i],
+        "pos_values": [] if outputs is None else _round(outputs.top_values[i].tolist(), 4),
+        "neg_str": [] if outputs is None else pub.output_tokens[1][i],
+        "neg_values": [] if outputs is None else _round(outputs.bottom_values[i].tolist(), 4),
         "freq_hist_data_bar_heights": [int(h) for h in hist.heights[i].tolist()],
         "freq_hist_data_bar_values": _round(hist.centres[i].tolist()),
         "logits_hist_data_bar_heights": [] if logits is None else [int(h) for h in logits.heights[i].tolist()],
@@ -107,10 +122,8 @@ def feature_row(pub: Publication, i: int, now: str) -> dict[str, Any]:
     }
 
 
-def activation_row(pub: Publication, example: dict[str, Any], now: str) -> dict[str, Any]:
-    from midisc.export import model_id, source_id
-
-    model, source, i = model_id(pub.model), source_id(pub), int(example["feature_index"])
+def activation_row(pub: Publication, names: Names, example: dict[str, Any], now: str) -> dict[str, Any]:
+    model, source, i = names.model, names.source, int(example["feature_index"])
     values = [float(v) for v in example["values"]]
     peak = max(values)
     top = example["kind"] == "top"
@@ -143,16 +156,17 @@ def write(pub: Publication, folder: Path, *, features_per_batch: int = 128) -> P
     for stale in [*folder.glob("features/batch-*.jsonl.gz"), *folder.glob("activations/batch-*.jsonl.gz")]:
         stale.unlink()  # a re-export with another batch size must not leave old batches behind
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    for name, row in metadata_rows(pub, now).items():
+    names = Names.of(pub)
+    for name, row in metadata_rows(pub, names, now).items():
         (folder / name).write_text(json.dumps(row, allow_nan=False) + "\n")
     by_feature: dict[int, list[dict[str, Any]]] = {}
     for example in pub.examples:
         by_feature.setdefault(int(example["feature_index"]), []).append(example)
     for batch, start in enumerate(range(0, pub.sae.d_sae, features_per_batch)):
         indices = range(start, min(start + features_per_batch, pub.sae.d_sae))
-        _write_gz(folder / "features" / f"batch-{batch}.jsonl.gz", [feature_row(pub, i, now) for i in indices])
+        _write_gz(folder / "features" / f"batch-{batch}.jsonl.gz", [feature_row(pub, names, i, now) for i in indices])
         _write_gz(folder / "activations" / f"batch-{batch}.jsonl.gz",
-                  [activation_row(pub, ex, now) for i in indices for ex in by_feature.get(i, [])])
+                  [activation_row(pub, names, ex, now) for i in indices for ex in by_feature.get(i, [])])
     return folder
 
 

@@ -48,8 +48,10 @@ def metadata(pub: Publication) -> dict[str, Any]:
 
 
 def feature_analysis(pub: Publication) -> dict[str, Any]:
+    from midisc.export.saelens import log10_density
+
     table = pub.features
-    density = [math.log10(f + 1e-10) for f in table.frequency]
+    density = log10_density(table.frequency).tolist()
     rows = []
     for i in range(pub.sae.d_sae):
         row = {"index": i, "frequency": _number(table.frequency[i]), "log10_density": round(density[i], 6),
@@ -65,11 +67,6 @@ def feature_analysis(pub: Publication) -> dict[str, Any]:
             "features": rows}
 
 
-def state_dict(pub: Publication) -> dict[str, torch.Tensor]:
-    return {name: getattr(pub.sae, name).detach().to("cpu", torch.float32).contiguous().clone()
-            for name in ("W_enc", "W_dec", "b_enc", "b_dec")}
-
-
 def write(pub: Publication, folder: Path) -> Path:
     from midisc.export import saelens
 
@@ -79,5 +76,5 @@ def write(pub: Publication, folder: Path) -> Path:
     np.save(folder / DECODER_FILENAME, pub.sae.W_dec.detach().to("cpu", torch.float32).numpy())
     (folder / ANALYSIS_FILENAME).write_text(json.dumps(feature_analysis(pub), allow_nan=False) + "\n")
     cfg = pub.sae.cfg_dict(saelens.cfg_metadata(pub))
-    torch.save({"cfg": cfg, "state_dict": state_dict(pub)}, folder / MODEL_FILENAME)
+    torch.save({"cfg": cfg, "state_dict": pub.sae.cpu_tensors()}, folder / MODEL_FILENAME)
     return folder
