@@ -21,7 +21,8 @@ from midisc.concepts import ConceptError
 from midisc.corpus import CorpusError
 from midisc.lm import ModelError
 from midisc.runs import RunError
-from midisc.store import Store, StoreError, UnknownRunError, default_db_url
+from midisc.store import Store, StoreError, UnknownRunError
+from midisc.store.engine import resolve_db_url
 
 
 
@@ -34,11 +35,12 @@ USER_ERRORS = (UnknownRunError, RunError, StoreError, ModelError, CorpusError, C
 
 def add_db_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--db", metavar="URL", default=None,
-                        help="database URL (default: $MIDISC_DB_URL or sqlite:///outputs/midisc.db)")
+                        help="database URL, or 'postgres' for the one $POSTGRES_* describe "
+                             "(default: $MIDISC_DB_URL or sqlite:///outputs/midisc.db)")
 
 
 def open_store(url: str | None) -> Store:
-    return Store(url or default_db_url())
+    return Store(resolve_db_url(url))
 
 
 def make_console() -> Console:

@@ -26,8 +26,34 @@ class StoreError(RuntimeError):
 
 
 def default_db_url() -> str:
-    """The URL in $MIDISC_DB_URL, else a SQLite file under ./outputs."""
+    """The URL in $MIDISC_DB_URL, else a SQLite file under ./outputs: where `storage=sqlite` trains too."""
     return os.environ.get("MIDISC_DB_URL") or DEFAULT_DB_URL
+
+
+def postgres_url_from_env() -> str:
+    """PostgreSQL from $POSTGRES_USER/PASSWORD/HOST/PORT/DB (defaults postgres, none, 127.0.0.1, 5432, midisc).
+
+    `storage=postgres` trains into this URL and `--db postgres` makes a tool read it, so both find the
+    same database. URL.create escapes each part, so a password with @, : or / stays one password.
+    """
+    port = os.environ.get("POSTGRES_PORT") or "5432"
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise StoreError(f"POSTGRES_PORT {port!r} is not a port number (1-65535)")
+    return URL.create(
+        "postgresql+psycopg2",
+        username=os.environ.get("POSTGRES_USER") or "postgres",
+        password=os.environ.get("POSTGRES_PASSWORD") or None,
+        host=os.environ.get("POSTGRES_HOST") or "127.0.0.1",
+        port=int(port),
+        database=os.environ.get("POSTGRES_DB") or "midisc",
+    ).render_as_string(hide_password=False)
+
+
+def resolve_db_url(url: str | None) -> str:
+    """A tool's --db value: a URL, `postgres` (from $POSTGRES_*), or nothing (the default database)."""
+    if url is None:
+        return default_db_url()
+    return postgres_url_from_env() if url == "postgres" else url
 
 
 def redact_url(url: str) -> str:
@@ -39,8 +65,9 @@ def redact_url(url: str) -> str:
 
 
 def _mask_unparsed(url: str) -> str:
-    # For error messages only: a URL that did not parse may still carry a password.
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+    # For error messages only: a URL that did not parse may still carry a password, which may itself hold
+    # an unescaped @, so everything up to the last @ goes.
+    return re.sub(r"(://[^:/@]*:).*@", r"\1***@", url)
 
 
 def driver_message(error: BaseException) -> str:
@@ -54,9 +81,15 @@ def driver_message(error: BaseException) -> str:
 def parse_url(url: str) -> URL:
     """Parse `url`, or raise StoreError saying what a valid one looks like."""
     try:
-        return make_url(url)
+        parsed = make_url(url)
     except (ArgumentError, ValueError) as error:
         raise StoreError(f"malformed database URL {_mask_unparsed(url)!r} ({error}); {URL_HINT}") from None
+    if parsed.host and "@" in parsed.host:
+        # The password ends at the first @, so the rest of it would be taken for the host and shown.
+        raise StoreError(
+            f"malformed database URL {_mask_unparsed(url)!r}: an @ in the password must be written %40 (a : as %3A)"
+        )
+    return parsed
 
 
 def _connect_args(parsed: URL) -> dict[str, Any]:

@@ -10,11 +10,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import delete, func, insert, select
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from midisc.store.engine import StoreError, driver_message, connect, parse_url
+from midisc.store.engine import StoreError, connect, parse_url
 from midisc.store.findings import FindingsMixin
+from midisc.store.schema import ensure_current
 from midisc.store.tables import (
     RUN_STATUSES,
     Base,
@@ -30,7 +30,8 @@ from midisc.store.values import finite_floats, finite_json, finite_or_none
 FINISHED_STATUSES = tuple(s for s in RUN_STATUSES if s != "running")
 # Final metrics copied into their own columns so runs can be sorted and filtered in SQL.
 HEADLINE_METRICS = ("mse", "fvu", "l0", "dead_frac")
-UPDATABLE_RUN_FIELDS = ("model", "hook", "layer", "architecture", "d_in", "d_sae", "n_tokens", "config", "output_dir")
+UPDATABLE_RUN_FIELDS = ("model", "hook", "layer", "architecture", "d_in", "d_sae", "n_tokens", "config", "output_dir",
+                        "sweep_id", "overrides")
 SHA256_HEX_DIGITS = 64
 
 
@@ -51,10 +52,10 @@ class Store(FindingsMixin):
         self._engine = connect(url)
         self.url: str = parse_url(url).render_as_string(hide_password=True)
         try:
-            Base.metadata.create_all(self._engine)
-        except SQLAlchemyError as error:
+            ensure_current(self._engine, self.url)
+        except StoreError:
             self._engine.dispose()
-            raise StoreError(f"cannot create the midisc tables in {self.url}: {driver_message(error)}") from None
+            raise
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
 
     def __repr__(self) -> str:
@@ -82,8 +83,14 @@ class Store(FindingsMixin):
         output_dir: str,
         d_in: int | None = None,
         d_sae: int | None = None,
+        sweep_id: str | None = None,
+        overrides: list[str] | None = None,
     ) -> int:
-        """Record a new run with status "running"; returns its id."""
+        """Record a new run with status "running"; returns its id.
+
+        `sweep_id` names the Hydra multirun sweep the run is part of; `overrides` are its job's command-line
+        overrides (strings, e.g. "sae.k=16").
+        """
         run = TrainingRun(
             status="running",
             started_at=utc_now(),
@@ -95,6 +102,9 @@ class Store(FindingsMixin):
             d_sae=d_sae,
             config=finite_json(config, "config"),
             output_dir=str(output_dir),
+            sweep_id=sweep_id,
+            # A list of str even when Hydra hands over its own ListConfig, which JSON cannot encode.
+            overrides=None if overrides is None else [str(item) for item in overrides],
         )
         with self._sessions.begin() as session:
             session.add(run)
@@ -138,6 +148,12 @@ class Store(FindingsMixin):
                 for name in HEADLINE_METRICS:
                     if name in metrics:
                         setattr(run, name, finite_or_none(metrics[name], f"metric {name!r}"))
+
+    def reopen_run(self, run_id: int) -> None:
+        """Mark a failed, interrupted or killed run as running again, for a resume into the same run."""
+        with self._sessions.begin() as session:
+            run = self._run(session, run_id)
+            run.status, run.ended_at, run.error = "running", None, None
 
     def add_epoch_metrics(self, run_id: int, epoch: int, step: int, metrics: dict[str, float]) -> None:
         """Record one epoch's metrics; writing the same epoch again replaces the earlier row."""
@@ -205,7 +221,10 @@ class Store(FindingsMixin):
         architecture: str,
         checksum: str,
     ) -> int:
-        """Record a saved SAE checkpoint; `checksum` is the sha256 hex digest of its weights. Returns its id."""
+        """Record a saved SAE; `checksum` is the sha256 hex digest of its weights. Returns its id.
+
+        Saving to the same path again (a resumed run, a re-export) replaces the earlier row.
+        """
         checksum = checksum.lower()
         if len(checksum) != SHA256_HEX_DIGITS or any(c not in "0123456789abcdef" for c in checksum):
             raise ValueError(f"checksum {checksum!r} is not a sha256 hex digest (64 characters 0-9a-f)")
@@ -220,6 +239,7 @@ class Store(FindingsMixin):
         )
         with self._sessions.begin() as session:
             self._run(session, run_id)
+            session.execute(delete(SAEModel).where(SAEModel.run_id == run_id, SAEModel.path == str(path)))
             session.add(row)
             session.flush()
             return row.id
@@ -232,9 +252,14 @@ class Store(FindingsMixin):
             return as_dict(self._run(session, run_id))
 
     def list_runs(
-        self, status: str | None = None, model: str | None = None, *, output_under: str | None = None
+        self,
+        status: str | None = None,
+        model: str | None = None,
+        *,
+        output_under: str | None = None,
+        sweep_id: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Runs, newest first, optionally only those with the given status and/or model.
+        """Runs, newest first, optionally only those with the given status, model and/or sweep.
 
         `output_under` keeps the runs whose output_dir starts with it, e.g. a Hydra multirun sweep folder;
         it is a plain, case-sensitive prefix (% and _ mean themselves), and output_dir is
@@ -247,12 +272,23 @@ class Store(FindingsMixin):
             query = query.where(TrainingRun.status == status)
         if model is not None:
             query = query.where(TrainingRun.model == model)
+        if sweep_id is not None:
+            query = query.where(TrainingRun.sweep_id == sweep_id)
         if output_under is not None:
             # Compared as a substring, not with LIKE: SQLite's LIKE ignores case, and "_" or "%" in a
             # folder name would need escaping to stop them acting as wildcards.
             query = query.where(func.substr(TrainingRun.output_dir, 1, len(output_under)) == output_under)
         with self._sessions() as session:
             return [as_dict(run) for run in session.scalars(query)]
+
+    def sweeps(self) -> list[dict[str, Any]]:
+        """Every sweep (Hydra multirun) with runs in the database, newest first: its id, run count, first start."""
+        query = (select(TrainingRun.sweep_id, func.count(), func.min(TrainingRun.started_at))
+                 .where(TrainingRun.sweep_id.is_not(None)).group_by(TrainingRun.sweep_id)
+                 .order_by(func.min(TrainingRun.started_at).desc()))
+        with self._sessions() as session:
+            # min() keeps the column's type, so the start comes back as an aware UTC datetime on every backend.
+            return [{"sweep_id": sweep, "runs": n, "started_at": first} for sweep, n, first in session.execute(query)]
 
     def epoch_metrics(self, run_id: int) -> list[dict[str, Any]]:
         """The run's per-epoch metric rows, by epoch."""

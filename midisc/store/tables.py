@@ -1,6 +1,8 @@
 """The six tables that record training runs and what was found in them, as SQLAlchemy 2.0 declarative models.
 
-Schema changes go through migrations later; until then `Base.metadata.create_all` builds these.
+These models are the schema's present; the Alembic revisions in `midisc/store/migrations/versions` are its
+history, and `midisc.store.schema` brings a database up to them. A change here needs a new revision too:
+`python -m midisc.db check` (and tests/test_migrations.py) reports any model the revisions do not build.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ class TrainingRun(Base):
             "status IN (" + ", ".join(f"'{s}'" for s in RUN_STATUSES) + ")",
             name="training_runs_status_valid",
         ),
+        Index("training_runs_sweep_id", "sweep_id"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -103,6 +106,10 @@ class TrainingRun(Base):
     dead_frac: Mapped[float | None] = mapped_column(Float)
     output_dir: Mapped[str] = mapped_column(String(1024))
     error: Mapped[str | None] = mapped_column(Text)
+    # The Hydra multirun sweep the run belongs to (None for a single run), so a sweep's runs can be listed.
+    sweep_id: Mapped[str | None] = mapped_column(String(1024))
+    # The job's command-line overrides, e.g. ["sae.k=16", "layer=3"]: what sets a run apart within its sweep.
+    overrides: Mapped[list[str] | None] = mapped_column(JSON)
 
 
 class EpochMetric(Base):
