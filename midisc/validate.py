@@ -7,10 +7,14 @@ still before any weights load.
 
 from __future__ import annotations
 
+import codecs
+import importlib
 import math
+from typing import get_args
 
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from midisc.activations import STORE_DTYPES
 from midisc.corpus import SOURCES
@@ -18,21 +22,40 @@ from midisc.lm import DTYPES
 from midisc.sae import B_DEC_METHODS
 
 
+def _precisions() -> tuple:
+    """Lightning's `precision` values (16, "bf16-mixed", …), from its own type; empty if that moves."""
+    try:
+        from lightning.fabric.connector import _PRECISION_INPUT
+    except ImportError:
+        return ()
+    return tuple(value for literal in get_args(_PRECISION_INPUT) for value in get_args(literal))
+
+
 class ConfigError(ValueError):
     """An impossible or ill-typed config value; the message is one line."""
 
 
-def _int(cfg: DictConfig, key: str, low: int) -> int:
-    value = OmegaConf.select(cfg, key)
+def _get(cfg: DictConfig, key: str):
+    try:
+        return OmegaConf.select(cfg, key)
+    except OmegaConfBaseException as err:  # an interpolation such as ${nope} that cannot be resolved
+        raise ConfigError(f"{key} cannot be resolved: {str(err).splitlines()[0]}") from None
+
+
+def _int(cfg: DictConfig, key: str, low: int, high: int | None = None) -> int:
+    value = _get(cfg, key)
+    valid = f">= {low}" if high is None else f"in {low}..{high}"
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{key} must be an integer >= {low}, got {value!r}")
+        raise ConfigError(f"{key} must be an integer {valid}, got {value!r}")
     if value < low:
-        raise ConfigError(f"{key}={value} is too small; it must be >= {low}")
+        raise ConfigError(f"{key}={value} is too small; it must be {valid}")
+    if high is not None and value > high:
+        raise ConfigError(f"{key}={value} is too large; it must be {valid}")
     return value
 
 
 def _number(cfg: DictConfig, key: str, low: float, *, strict: bool = False) -> float:
-    value = OmegaConf.select(cfg, key)
+    value = _get(cfg, key)
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < low or (strict and value == low):
         bound = f"> {low}" if strict else f">= {low}"
@@ -41,10 +64,54 @@ def _number(cfg: DictConfig, key: str, low: float, *, strict: bool = False) -> f
 
 
 def _choice(cfg: DictConfig, key: str, valid) -> str:
-    value = OmegaConf.select(cfg, key)
-    if value not in valid:
-        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(valid)}")
+    value = _get(cfg, key)
+    if isinstance(value, bool) or value not in valid:  # True == 1 would pass for a choice of numbers
+        shown = dict.fromkeys(map(str, valid))  # Lightning's precisions name 16 and "16" both
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(shown)}")
     return value
+
+
+def _bool(cfg: DictConfig, key: str) -> bool:
+    value = _get(cfg, key)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def _text(cfg: DictConfig, key: str, *, optional: bool = False) -> str | None:
+    """A non-empty string (a name, path or URL); with `optional`, null too."""
+    value = _get(cfg, key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        valid = "a non-empty string" + (" or null" if optional else "")
+        # Hydra reads layer=12 as a number: a name that looks like one needs quotes.
+        hint = f" (quote a number meant as text: {key}='\"{value}\"')" if isinstance(value, (int, float)) else ""
+        raise ConfigError(f"{key} must be {valid}, got {value!r}{hint}")
+    return value
+
+
+def _encoding(cfg: DictConfig, key: str) -> None:
+    value = _text(cfg, key)
+    try:
+        # Codecs such as base64 are known but turn bytes into bytes: bytes.decode refuses them.
+        text = getattr(codecs.lookup(value), "_is_text_encoding", True)
+    except LookupError:
+        text = False
+    if not text:
+        raise ConfigError(f"{key}={value!r} is not a text encoding Python knows; e.g. utf-8, latin-1, cp1252")
+
+
+def _class(cfg: DictConfig, key: str, example: str) -> None:
+    """An importable class, checked now: Hydra would fail on it only after the model has loaded."""
+    path = _text(cfg, key)
+    module, _, name = path.rpartition(".")
+    try:
+        found = isinstance(getattr(importlib.import_module(module), name, None), type) if module else False
+    except (ImportError, TypeError, ValueError):  # no such module; a relative or empty name such as ".x"
+        found = False
+    if not found:
+        raise ConfigError(f"{key}={path!r} is not an importable class; give package.module.Class, e.g. {example}")
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -53,25 +120,89 @@ def check_config(cfg: DictConfig) -> None:
         if key in cfg[group].keys() and OmegaConf.is_missing(cfg[group], key):
             option = HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else "this option"
             raise ConfigError(f"{group}.{key} is required by {group}={option}: pass {group}.{key}=...")
-    _int(cfg, "layer", 0) if cfg.model.hook is None else None
-    for key, low in [("seed", 0), ("max_samples", 1), ("context_size", 2), ("batch_size", 1), ("epochs", 1),
+    if _get(cfg, "model.hook") is None:
+        _int(cfg, "layer", 0)
+    _int(cfg, "seed", 0, 2**32 - 1)  # the range Lightning's seed_everything accepts
+    for key, low in [("max_samples", 1), ("context_size", 2), ("batch_size", 1), ("epochs", 1),
                      ("dead_window", 1), ("activations.buffer_size", 1), ("activations.lm_batch_size", 1),
                      ("data.holdout_texts", 1), ("sae.expansion", 1), ("export.features_per_batch", 1),
-                     ("export.output_tokens", 1)]:
+                     ("export.output_tokens", 1), ("analysis.n_top", 1), ("analysis.n_quantile", 0),
+                     ("analysis.before", 0), ("analysis.after", 0), ("checkpoint_every", 1)]:
         _int(cfg, key, low)
+    if _get(cfg, "resume") is not None:
+        _int(cfg, "resume", 1)
+    _class(cfg, "sae._target_", "midisc.sae.TopKSAE")
     if "k" in cfg.sae:
         _int(cfg, "sae.k", 1)
     if "l1_coef" in cfg.sae:
         _number(cfg, "sae.l1_coef", 0.0)
+    _check_optimizer(cfg)
+    _choice(cfg, "activations.cache", ("memory", "disk", "auto"))
+    _choice(cfg, "activations.dtype", tuple(STORE_DTYPES))
+    _text(cfg, "activations.cache_dir")
+    _number(cfg, "activations.cache_max_gb", 0.0, strict=True)
+    if _get(cfg, "activations.outlier_factor") is not None:
+        _number(cfg, "activations.outlier_factor", 1.0, strict=True)
+    _choice(cfg, "b_dec_init", B_DEC_METHODS)
+    _bool(cfg, "export.neuronpedia")
+    _text(cfg, "export.set_name", optional=True)
+    _text(cfg, "storage.url", optional=True)
+    _check_model(cfg)
+    _check_data(cfg)
+    _check_trainer(cfg)
+
+
+def _check_optimizer(cfg: DictConfig) -> None:
+    _class(cfg, "optimizer._target_", "torch.optim.Adam")
     if "lr" in cfg.optimizer:
         _number(cfg, "optimizer.lr", 0.0, strict=True)
-    _choice(cfg, "activations.cache", ("memory", "disk"))
-    _choice(cfg, "activations.dtype", tuple(STORE_DTYPES))
-    _choice(cfg, "model.dtype", tuple(DTYPES))
-    _choice(cfg, "data.source", SOURCES)
-    _choice(cfg, "b_dec_init", B_DEC_METHODS)
-    if not isinstance(cfg.export.neuronpedia, bool):
-        raise ConfigError(f"export.neuronpedia must be true or false, got {cfg.export.neuronpedia!r}")
-    if cfg.activations.outlier_factor is not None:
-        _number(cfg, "activations.outlier_factor", 1.0, strict=True)
+    if "betas" in cfg.optimizer:  # Adam checks them only when Lightning builds it, after the model has loaded
+        betas = _get(cfg, "optimizer.betas")
+        numbers = isinstance(betas, ListConfig) and all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas)
+        if not numbers or len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ConfigError(f"optimizer.betas must be two numbers in [0, 1), e.g. [0.9,0.999], got {betas!r}")
 
+
+def _check_model(cfg: DictConfig) -> None:
+    _text(cfg, "model.name")
+    for key in ("gguf_package", "gguf_file", "separator"):
+        _text(cfg, f"model.{key}", optional=True)
+    _choice(cfg, "model.dtype", tuple(DTYPES))
+    _bool(cfg, "model.prepend_bos")
+    device_map = _get(cfg, "model.device_map")
+    if isinstance(device_map, bool) or not isinstance(device_map, (str, int, DictConfig, type(None))):
+        raise ConfigError(f"model.device_map must be auto, a device, a mapping or null, got {device_map!r}")
+    hooks = _get(cfg, "model.hooks")
+    if not isinstance(hooks, DictConfig) or not hooks:
+        raise ConfigError(f"model.hooks must map site names to module paths such as model.layers.{{layer}}, "
+                          f"got {hooks!r}")
+    for site in hooks:
+        _text(cfg, f"model.hooks.{site}")
+    _text(cfg, "model.hook", optional=True)  # model.site is checked against the hooks in lm.resolve_hook
+
+
+def _check_data(cfg: DictConfig) -> None:
+    _choice(cfg, "data.source", SOURCES)
+    for key in ("package", "subdir", "path", "name", "split", "field"):
+        if key in cfg.data:
+            _text(cfg, f"data.{key}")
+    if "config_name" in cfg.data:
+        _text(cfg, "data.config_name", optional=True)
+    if "encoding" in cfg.data:
+        _encoding(cfg, "data.encoding")
+
+
+def _check_trainer(cfg: DictConfig) -> None:
+    """The Trainer's own checks run only once the model has loaded: these keys are refused before."""
+    trainer = cfg.trainer
+    for key in ("enable_checkpointing", "enable_model_summary", "enable_progress_bar"):
+        if key in trainer:
+            _bool(cfg, f"trainer.{key}")
+    for key, low in (("max_epochs", 1), ("max_steps", -1), ("log_every_n_steps", 1), ("num_sanity_val_steps", -1)):
+        if key in trainer:
+            _int(cfg, f"trainer.{key}", low)
+    if "accelerator" in trainer:
+        _text(cfg, "trainer.accelerator")
+    if "precision" in trainer and _precisions():
+        _choice(cfg, "trainer.precision", _precisions())

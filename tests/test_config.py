@@ -3,7 +3,7 @@
 import pytest
 from hydra.utils import instantiate
 
-from conftest import CONF, compose_config
+from conftest import CONF, compose_config, run_cli
 from midisc.validate import ConfigError, check_config
 
 
@@ -85,16 +85,78 @@ def test_seed_phi2_experiment_reproduces_the_research_setting():
     ("batch_size=0", "batch_size=0 is too small"),
     ("epochs=0", "epochs=0 is too small"),
     ("context_size=1", "context_size=1 is too small; it must be >= 2"),
-    ("activations.cache=s3", "activations.cache='s3' is not valid; choose one of: memory, disk"),
+    ("checkpoint_every=0", "checkpoint_every=0 is too small; it must be >= 1"),
+    ("resume=abc", "resume must be an integer >= 1, got 'abc'"),
+    ("activations.cache_max_gb=0", "activations.cache_max_gb must be a number > 0.0, got 0"),
+    ("activations.cache=s3", "activations.cache='s3' is not valid; choose one of: memory, disk, auto"),
     ("activations.outlier_factor=0.5", "activations.outlier_factor must be a number > 1.0"),
     ("model.dtype=int8", "model.dtype='int8' is not valid"),
     ("b_dec_init=zeros", "b_dec_init='zeros' is not valid; choose one of: mean, geometric_median"),
     ("optimizer.lr=-1", "optimizer.lr must be a number > 0.0, got -1"),
+    # Wrong types, as Hydra parses them from the command line (layer=abc is the string 'abc').
+    ("layer=1.5", "layer must be an integer >= 0, got 1.5"),
+    ("sae.expansion=2.5", "sae.expansion must be an integer >= 1, got 2.5"),
+    ("batch_size=true", "batch_size must be an integer >= 1, got True"),
+    ("batch_size=null", "batch_size must be an integer >= 1, got None"),
+    ("epochs=-1", "epochs=-1 is too small; it must be >= 1"),
+    ("seed=-1", "seed=-1 is too small; it must be in 0..4294967295"),
+    ("seed=4294967296", "seed=4294967296 is too large; it must be in 0..4294967295"),
+    ("max_samples=many", "max_samples must be an integer >= 1, got 'many'"),
+    ("dead_window=1e6", "dead_window must be an integer >= 1, got 1000000.0"),
+    ("optimizer.lr=abc", "optimizer.lr must be a number > 0.0, got 'abc'"),
+    ("optimizer.betas=[0.9,1.5]", "optimizer.betas must be two numbers in [0, 1), e.g. [0.9,0.999], got [0.9, 1.5]"),
+    ("optimizer._target_=torch.optim.Adamm", "optimizer._target_='torch.optim.Adamm' is not an importable class"),
+    ("sae._target_=midisc.sae.Nope", "sae._target_='midisc.sae.Nope' is not an importable class"),
+    ("analysis.n_top=0", "analysis.n_top=0 is too small; it must be >= 1"),
+    ("analysis.n_top=-3", "analysis.n_top=-3 is too small; it must be >= 1"),
+    ("analysis.n_quantile=-1", "analysis.n_quantile=-1 is too small; it must be >= 0"),
+    ("analysis.before=x", "analysis.before must be an integer >= 0, got 'x'"),
+    ("analysis.after=2.5", "analysis.after must be an integer >= 0, got 2.5"),
+    ("activations.cache_dir=", "activations.cache_dir must be a non-empty string, got ''"),
+    ("activations.dtype=float64", "activations.dtype='float64' is not valid; choose one of: float32, bfloat16"),
+    ("activations.buffer_size=big", "activations.buffer_size must be an integer >= 1, got 'big'"),
+    ("activations.outlier_factor=abc", "activations.outlier_factor must be a number > 1.0, got 'abc'"),
+    ("export.set_name=5", "export.set_name must be a non-empty string or null, got 5 (quote a number meant as text"),
+    ("export.neuronpedia=maybe", "export.neuronpedia must be true or false, got 'maybe'"),
+    ("export.output_tokens=0", "export.output_tokens=0 is too small; it must be >= 1"),
+    ("storage.url=", "storage.url must be a non-empty string or null, got ''"),
+    ("data.holdout_texts=abc", "data.holdout_texts must be an integer >= 1, got 'abc'"),
+    ("data.encoding=nonexistent-codec", "data.encoding='nonexistent-codec' is not a text encoding Python knows"),
+    ("data.encoding=base64", "data.encoding='base64' is not a text encoding Python knows"),
+    ("data.subdir=", "data.subdir must be a non-empty string, got ''"),
+    ("data=local data.path=/texts data.field=", "data.field must be a non-empty string, got ''"),
+    ("data=local data.path=2024", "data.path must be a non-empty string, got 2024 (quote a number meant as text"),
+    ("data=hf data.name=x data.split=", "data.split must be a non-empty string, got ''"),
+    ("model.dtype=float64", "model.dtype='float64' is not valid; choose one of: float32, bfloat16, float16"),
+    ("model.name=", "model.name must be a non-empty string, got ''"),
+    ("model.hook=", "model.hook must be a non-empty string or null, got ''"),
+    ("model.hooks.resid=5", "model.hooks.resid must be a non-empty string, got 5"),
+    ("model.prepend_bos=yes", "model.prepend_bos must be true or false, got 'yes'"),
+    ("model.separator=", "model.separator must be a non-empty string or null, got ''"),
+    ("trainer.max_epochs=abc", "trainer.max_epochs must be an integer >= 1, got 'abc'"),
+    ("trainer.max_steps=-2", "trainer.max_steps=-2 is too small; it must be >= -1"),
+    ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps=0 is too small; it must be >= 1"),
+    ("trainer.enable_progress_bar=1", "trainer.enable_progress_bar must be true or false, got 1"),
+    ("trainer.precision=64x", "trainer.precision='64x' is not valid; choose one of: 64, 32, 16,"),
+    ("trainer.max_steps=${nope}", "trainer.max_steps cannot be resolved: Interpolation key 'nope' not found"),
 ])
 def test_bad_values_are_refused_in_one_line(override, message):
     with pytest.raises(ConfigError) as info:
-        check_config(compose_config([override]))
+        check_config(compose_config(override.split()))
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("override", ["model.device_map=null", "model.hook=model.layers.3.mlp model.site=ffn",
+                                      "trainer.precision=bf16-mixed", "trainer.precision=16", "data.encoding=UTF8",
+                                      "export.set_name=res-jb", "activations.outlier_factor=null", "sae=relu"])
+def test_unusual_but_valid_values_pass(override):
+    check_config(compose_config(override.split()))
+
+
+def test_cli_refuses_a_bad_type_in_one_line(tmp_path):
+    proc = run_cli(["midisc.train", "layer=abc", "storage.url=null"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip() == "error: layer must be an integer >= 0, got 'abc'"  # no traceback
 
 
 def test_negative_l1_coefficient_is_refused():

@@ -1,8 +1,15 @@
 import json
+import logging
+import random
+import struct
+import zlib
+from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import WORDS, make_tokenizer
+from midisc import corpus
 from midisc.corpus import CorpusError, load_texts, pack, read_folder, split_texts
 
 
@@ -36,6 +43,15 @@ def test_bad_jsonl_line_is_named(tmp_path):
         read_folder(str(tmp_path))
 
 
+def test_jsonl_with_no_good_line_is_an_error_and_a_few_bad_lines_are_skipped(tmp_path, caplog):
+    (tmp_path / "c.jsonl").write_text("[1, 2,\n3]\n{oops\n")  # a pretty-printed JSON file, not JSON Lines
+    with pytest.raises(CorpusError, match=r"c.jsonl:1 is not valid JSON .*, nor is any of its other 2 lines usable"):
+        read_folder(str(tmp_path))
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "good"}) + "\n{oops\n" + json.dumps({"text": "fine"}))
+    assert read_folder(str(tmp_path)) == ["good", "fine"]
+    assert "skipped invalid JSON lines: 1 (first: c.jsonl:2)" in caplog.text
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"source": "local", "path": "/no/such/folder"}, "'/no/such/folder' is not a folder"),
     ({"source": "local"}, "needs data.path"),
@@ -53,6 +69,129 @@ def test_empty_folder_is_an_error(tmp_path):
     (tmp_path / "only.txt").write_text("\n")
     with pytest.raises(CorpusError, match="no texts found"):
         load_texts("local", path=str(tmp_path))
+
+
+def png() -> bytes:
+    """A real 16×16 PNG image: binary data with a text-looking signature."""
+    rng = random.Random(0)
+    rows = b"".join(b"\x00" + bytes(rng.randrange(256) for _ in range(48)) for _ in range(16))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 16, 16, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+ODD = "zero\u200bwidth\u2060 \u202eRTL مرحبا שלום\u202c emoji 👩‍👩‍👧 🇬🇧 ✌🏽 combining e\u0301 Z̤͔ͧ̑̓ bell\x07 esc\x1b[0m"
+HUGE_LINE = " ".join(random.Random(0).choice(WORDS) for _ in range(400_000))  # ~2 MB, no newline
+
+
+def messy_folder(folder: Path) -> Path:
+    """Everything a hand-made data folder holds, good and bad, one kind per file or line."""
+    (folder / "good.txt").write_text("a plain document")
+    (folder / "blob.txt").write_bytes(bytes(range(256)) * 8)
+    (folder / "image.txt").write_bytes(png())
+    (folder / "empty.txt").write_bytes(b"")
+    (folder / "blank.txt").write_text("\n  \n\t\n")
+    (folder / "bom.txt").write_bytes("\ufeffa document saved with a BOM".encode("utf-8"))
+    (folder / "crlf.txt").write_bytes(b"line one\r\nline two\r\n")
+    (folder / "nul.txt").write_bytes(b"a scraped document with a stray NUL\x00 in a sentence long enough to be text")
+    (folder / "odd.txt").write_text(ODD)
+    (folder / "latin1.txt").write_bytes("a caf\u00e9 r\u00e9sum\u00e9 written as latin-1, read as utf-8".encode("latin-1"))
+    (folder / "huge.txt").write_text(HUGE_LINE)
+    (folder / "gone.txt").symlink_to(folder / "nowhere")  # a broken link
+    (folder / "notes.txt").mkdir()  # a folder named like a file, holding a real one
+    (folder / "notes.txt" / "inner.txt").write_text("a document in a folder named notes.txt")
+    (folder / "binary.jsonl").write_bytes(png())
+    records = [{"text": "record one"}, "", "   ", {"text": None}, {"text": 5}, {"text": ["a", "b"]},
+               {"text": {"nested": "x"}}, "{not json", r'{"text": "lone \ud800 surrogate"}',  # a JSON escape for half an emoji
+               {"text": "json NUL \u0000 inside"}, {"body": "no text field"}, {"text": "line\u2028separator"},
+               {"text": "  "}]
+    lines = [r if isinstance(r, str) else json.dumps(r, ensure_ascii=False) for r in records]
+    (folder / "docs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+def refuse_to_read(monkeypatch, name: str) -> None:
+    """Reading the file `name` fails as without permission (chmod cannot show it: tests may run as root)."""
+    read_bytes = Path.read_bytes
+
+    def guarded(path: Path) -> bytes:
+        if path.name == name:
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_bytes(path)
+    monkeypatch.setattr(Path, "read_bytes", guarded)
+
+
+def test_messy_folder_gives_clean_texts_and_one_line_of_counts(tmp_path, caplog, monkeypatch):
+    folder = messy_folder(tmp_path)
+    (folder / "locked.txt").write_text("a file we may not read")
+    refuse_to_read(monkeypatch, "locked.txt")
+    with caplog.at_level(logging.WARNING, logger="midisc.corpus"):
+        texts = load_texts("local", path=str(folder))
+    assert sorted(texts) == sorted([
+        "a plain document", "a document saved with a BOM", "line one\r\nline two\r\n",
+        "a scraped document with a stray NUL in a sentence long enough to be text", ODD,
+        "a caf\ufffd r\ufffdsum\ufffd written as latin-1, read as utf-8", HUGE_LINE,
+        "a document in a folder named notes.txt", "record one", "lone  surrogate", "json NUL  inside",
+        "line\u2028separator"])
+    (warning,) = [r.getMessage() for r in caplog.records]
+    for part in [f"data.path={folder}: kept 12 texts",
+                 "skipped binary (or not utf-8) files: 3 (first: blob.txt)",
+                 "skipped empty files: 2 (first: blank.txt)",
+                 "skipped empty texts: 1 (first: docs.jsonl:13)",
+                 "files whose bytes invalid in utf-8 became U+FFFD (is data.encoding right?): 1 (first: latin1.txt)",
+                 "removed NUL characters: 2 (first: nul.txt)",
+                 "skipped unreadable files: 2 (first: gone.txt: no such file or directory)",
+                 "skipped blank .jsonl lines: 2 (first: docs.jsonl:2)",
+                 "skipped records whose 'text' is not a string: 4 (first: docs.jsonl:4: null)",
+                 "skipped invalid JSON lines: 1 (first: docs.jsonl:8)",
+                 "removed lone surrogates: 1 (first: docs.jsonl:9)",
+                 "skipped records without a field 'text': 1 (first: docs.jsonl:11)"]:
+        assert part in warning
+    assert "locked.txt: permission denied" not in warning  # only the first of a kind is named
+    assert all("\x00" not in t and "\ud800" not in t for t in texts)
+
+    contexts = pack(texts, make_tokenizer(tmp_path / "tok"), context_size=32, separator_id=0)
+    assert contexts.shape[1] == 32 and len(contexts) > 1000  # the huge line is mostly there
+
+
+def test_unreadable_file_is_named(tmp_path, caplog, monkeypatch):
+    (tmp_path / "a.txt").write_text("readable")
+    (tmp_path / "locked.txt").write_text("secret")
+    refuse_to_read(monkeypatch, "locked.txt")
+    assert read_folder(str(tmp_path)) == ["readable"]
+    assert "skipped unreadable files: 1 (first: locked.txt: permission denied)" in caplog.text
+
+
+@pytest.mark.parametrize("files, message", [
+    ({}, "holds no .txt or .jsonl files (searched recursively); it is empty"),
+    ({"a.csv": b"x,y", "b.png": png()}, "holds no .txt or .jsonl files (searched recursively); found only: .csv, .png"),
+    ({"a.txt": png(), "b.jsonl": bytes(range(256))},
+     "no texts found in data.path=DIR (looked for non-empty .txt files and .jsonl records); "
+     "skipped binary (or not utf-8) files: 2 (first: a.txt)"),
+])
+def test_folder_without_texts_is_one_line_naming_it(tmp_path, files, message):
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    with pytest.raises(CorpusError) as info:
+        load_texts("local", path=str(tmp_path))
+    assert message.replace("DIR", str(tmp_path)) in str(info.value) and "\n" not in str(info.value)
+    assert str(tmp_path) in str(info.value)
+
+
+def test_data_path_that_is_a_file_is_named(tmp_path):
+    (tmp_path / "docs.jsonl").write_text(json.dumps({"text": "x"}))
+    with pytest.raises(CorpusError, match=r"data.path='.*docs.jsonl' is not a folder \(it is a file; give the folder"):
+        load_texts("local", path=str(tmp_path / "docs.jsonl"))
+
+
+def test_hf_records_that_are_not_text_are_skipped_and_counted(tmp_path, caplog):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"text": ["one", None, "", "t\x00wo"]}).save_to_disk(str(tmp_path / "ds"))
+    assert load_texts("hf", name=str(tmp_path / "ds")) == ["one", "two"]
+    assert "skipped records whose 'text' is not a string: 1 (first: row 1: null)" in caplog.text
+    assert "removed NUL characters: 1 (first: row 3)" in caplog.text
 
 
 def test_hf_dataset_saved_to_disk(tmp_path):
@@ -86,6 +225,20 @@ def test_pack_prepends_bos_to_every_context():
     contexts = pack(["abcd"], CharTokenizer(), context_size=3, separator_id=0, bos_id=1)
     assert contexts.tolist() == [[1, 97, 98], [1, 99, 100]]
     assert contexts.dtype == torch.long
+
+
+def test_long_documents_are_cut_at_whitespace_without_changing_the_tokens(tmp_path, monkeypatch):
+    text = HUGE_LINE[:30_000] + "  double  spaces\nand\tnewlines  "
+    cut = corpus.pieces(text, size=1000)
+    assert "".join(cut) == text and all(len(p) <= 1000 for p in cut)
+    assert all(p[0].isspace() for p in cut[1:])
+    assert corpus.pieces("x" * 2500, size=1000) == ["x" * 1000, "x" * 1000, "x" * 500]  # no space: cut anyway
+    tokenizer = make_tokenizer(tmp_path)
+    whole = pack([text, "tail"], tokenizer, context_size=16, separator_id=0)
+    monkeypatch.setattr(corpus, "PIECE_CHARS", 1000)
+    monkeypatch.setattr(corpus, "GROUP_CHARS", 4000)
+    # Byte-level BPE keeps a word's leading space with the word, so cutting before whitespace changes no token.
+    assert torch.equal(pack([text, "tail"], tokenizer, context_size=16, separator_id=0), whole)
 
 
 def test_pack_too_few_tokens_is_an_error():
