@@ -11,12 +11,12 @@ they carry ~70 % of the squared norm, so leaving them in makes MSE and FVU measu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -127,6 +127,9 @@ class MemoryCache:
         self.rows = torch.cat(self._parts) if self._parts else torch.empty(0)
         self._parts, self.complete = [], True
 
+    def abort(self) -> None:
+        self.reset()
+
     def __len__(self) -> int:
         return len(self.rows) if self.complete else sum(len(p) for p in self._parts)
 
@@ -138,7 +141,8 @@ class DiskCache:
     """Activation vectors in one raw file under `folder`, published atomically when complete.
 
     Rows are appended to `acts.bin.partial`; `finish` writes `meta.json` and renames, so a cache that was
-    cut off half-way is never mistaken for a complete one. Reads go through a memory map.
+    cut off half-way is never mistaken for a complete one. Reads go through a memory map. Kept while
+    train.py builds it: activation_cache.SharedCache replaces it (shared between jobs, budgeted, locked).
     """
 
     def __init__(self, folder: str | Path, d: int | None = None, dtype: str = "float32") -> None:
@@ -176,6 +180,12 @@ class DiskCache:
         os.replace(tmp, self.folder / "meta.json")
         self.complete = True
 
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            (self.folder / "acts.bin.partial").unlink(missing_ok=True)
+
     def __len__(self) -> int:
         return self.n_rows
 
@@ -187,15 +197,31 @@ class DiskCache:
         return rows.view(torch.bfloat16) if self.dtype == "bfloat16" else rows
 
 
-def cache_key(**producer) -> str:
-    """A short hash of everything that determines the activations (model, hook, data, context, filters)."""
-    return hashlib.sha256(json.dumps(producer, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def __getattr__(name: str):
+    # cache_key moved to midisc.activation_cache; train.py imports it from here until it opens a SharedCache.
+    if name == "cache_key":
+        from midisc.activation_cache import cache_key
+        return cache_key
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class ActivationCache(Protocol):
+    """Where epoch 1 leaves the vectors for later epochs: MemoryCache, DiskCache or activation_cache.SharedCache."""
+
+    complete: bool
+
+    def reset(self) -> None: ...
+    def append(self, chunk: torch.Tensor) -> None: ...
+    def finish(self) -> None: ...
+    def abort(self) -> None: ...
+    def block(self, start: int, stop: int) -> torch.Tensor: ...
+    def __len__(self) -> int: ...
 
 
 class ActivationStream(IterableDataset):
     """Batches of activation vectors [batch_size, d] for the SAE; one iteration is one epoch."""
 
-    def __init__(self, harvest_chunks: Callable[[], Iterator[torch.Tensor]], cache: MemoryCache | DiskCache, *,
+    def __init__(self, harvest_chunks: Callable[[], Iterator[torch.Tensor]], cache: ActivationCache, *,
                  batch_size: int, buffer_size: int, expected_rows: int, seed: int = 0,
                  block_rows: int = 4096) -> None:
         self.harvest_chunks = harvest_chunks
@@ -206,13 +232,22 @@ class ActivationStream(IterableDataset):
         self.block_rows = block_rows
         self.seed = seed
         self.epoch = 0
+        # Optional () -> (epoch, batches of it already trained on), from the trainer; see checkpoints.py.
+        self.position: Callable[[], tuple[int, int]] | None = None
+        self.harvested = 0  # vectors the language model gave in epoch 1, even when it was cut short
         self.reused_cache = cache.complete  # a complete disk cache from an earlier run with the same producer
 
     def _harvest_into_cache(self) -> Iterator[torch.Tensor]:
         self.cache.reset()
-        for chunk in self.harvest_chunks():
-            self.cache.append(chunk)
-            yield chunk
+        self.harvested = 0
+        try:
+            for chunk in self.harvest_chunks():
+                self.cache.append(chunk)
+                self.harvested += len(chunk)
+                yield chunk
+        except BaseException:  # GeneratorExit too: an epoch cut short (max_steps) must not publish part of it
+            self.cache.abort()
+            raise
         self.cache.finish()
 
     def _cached_chunks(self, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -222,10 +257,18 @@ class ActivationStream(IterableDataset):
             yield self.cache.block(start, min(start + self.block_rows, len(self.cache)))
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        self.epoch += 1
+        # Asked at the first batch, not when iter() is called: a resumed trainer knows its place only then.
+        epoch, skip = self.position() if self.position else (self.epoch, 0)
+        self.epoch = epoch + 1
+        generator = torch.Generator().manual_seed(self.seed + epoch)
         chunks = self._cached_chunks(generator) if self.cache.complete else self._harvest_into_cache()
-        yield from shuffled_batches(chunks, self.batch_size, self.buffer_size, generator)
+        batches = shuffled_batches(chunks, self.batch_size, self.buffer_size, generator)
+        try:
+            for i, batch in enumerate(batches):
+                if i >= skip:  # a resumed epoch replays its seeded order up to where the checkpoint was
+                    yield batch
+        finally:
+            batches.close()  # an epoch cut short reaches _harvest_into_cache, which must not publish it
 
     def __len__(self) -> int:
         rows = len(self.cache) if self.cache.complete else self.expected_rows
@@ -234,4 +277,4 @@ class ActivationStream(IterableDataset):
     @property
     def n_rows(self) -> int:
         """Activation vectors in one epoch (known once the first epoch has run)."""
-        return len(self.cache)
+        return len(self.cache) if self.cache.complete else self.harvested
