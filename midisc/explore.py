@@ -1,6 +1,8 @@
 """`python -m midisc.explore`: the runs in the database and the features they found.
 
     python -m midisc.explore list [--status completed] [--model NAME] [--sweep multirun/2026-11-24/10-00-00]
+    python -m midisc.explore sweeps
+    python -m midisc.explore compare SWEEP [--plot frontier.png]       # SWEEP: its folder, its tail, or latest
     python -m midisc.explore top RUN [--by frequency|max|mean] [--n 20]
     python -m midisc.explore analyze RUN
     python -m midisc.explore details RUN FEATURE [--no-model]
@@ -18,6 +20,7 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
+from midisc import plots, sweeps
 from midisc.cli import UsageError, add_db_argument, make_console, make_table, open_store, print_json, run_tool
 from midisc.features import frequency_bins, log_density_histogram
 from midisc.report import quality_notes, run_overview
@@ -75,15 +78,33 @@ def number(value: Any, digits: int = 3) -> str:
 # ----- commands --------------------------------------------------------------------------------
 
 
+def sweep_runs(store, name: str) -> tuple[str, list[dict]]:
+    """(sweep id, its runs) for a sweep named as `sweeps.resolve` accepts."""
+    try:
+        sweep_id = sweeps.resolve(name, store.sweeps())
+    except sweeps.SweepError as err:
+        # Runs recorded before sweeps had ids are still found by their folder.
+        folder = Path(name).expanduser().resolve()
+        legacy = store.list_runs(output_under=str(folder) + "/") if folder.is_dir() else []
+        if not legacy:
+            raise UsageError(str(err)) from None
+        return str(folder), legacy
+    return sweep_id, store.list_runs(sweep_id=sweep_id)
+
+
 def cmd_list(args: argparse.Namespace, console: Console) -> int:
     with open_store(args.db) as store:
-        # Run folders are recorded as absolute paths; a sweep folder is named as the user sees it.
-        sweep = str(Path(args.sweep).resolve()) + "/" if args.sweep else None
-        runs = store.list_runs(status=args.status, model=args.model, output_under=sweep)
+        if args.sweep:
+            _, runs = sweep_runs(store, args.sweep)
+            runs = [r for r in runs if (args.status is None or r["status"] == args.status)
+                    and (args.model is None or r["model"] == args.model)]
+        else:
+            runs = store.list_runs(status=args.status, model=args.model)
     rows = [{"id": r["id"], "started_at": r["started_at"].isoformat(timespec="seconds"), "status": r["status"],
              "model": r["model"], "hook": r["hook"], "architecture": r["architecture"], "width": r["d_sae"],
              "tokens": r["n_tokens"], "fvu": r["fvu"], "l0": r["l0"], "dead_frac": r["dead_frac"],
-             "alive_features": (r["metrics"] or {}).get("alive_features"), "output_dir": r["output_dir"]}
+             "alive_features": (r["metrics"] or {}).get("alive_features"), "output_dir": r["output_dir"],
+             "sweep_id": r.get("sweep_id"), "overrides": r.get("overrides")}
             for r in runs]
     if args.json:
         print_json(rows)
@@ -101,6 +122,48 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
                       number(r["l0"]), percent(r["dead_frac"]), "-" if alive is None else f"{int(alive):,}")
     console.print(table)
     return 0
+
+
+def cmd_sweeps(args: argparse.Namespace, console: Console) -> int:
+    with open_store(args.db) as store:
+        rows = [{**s, "started_at": s["started_at"].isoformat(timespec="seconds")} for s in store.sweeps()]
+    if args.json:
+        print_json(rows)
+        return 0
+    if not rows:
+        console.print("no sweeps yet: run one with python -m midisc.train -m sae.k=16,32,64")
+        return 0
+    table = make_table(console, "sweep", "runs", "started (UTC)", right=("runs",))
+    for row in rows:
+        table.add_row(row["sweep_id"], str(row["runs"]), row["started_at"][:16].replace("T", " "))
+    console.print(table)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace, console: Console) -> int:
+    with open_store(args.db) as store:
+        sweep_id, runs = sweep_runs(store, args.sweep)
+    rows = sweeps.comparison(runs)
+    points = [(r["l0"], r["fvu"], f"run {r['id']}") for r in rows if r["l0"] is not None and r["fvu"] is not None]
+    plot = Path(args.plot) if args.plot else _default_plot(sweep_id)
+    if points:
+        plots.frontier(points, plot, title=f"Sparsity–fidelity frontier: {Path(sweep_id).name}")
+    if args.json:
+        print_json({"sweep_id": sweep_id, "plot": str(plot) if points else None, "runs": rows})
+        return 0
+    table = make_table(console, "id", "status", "job", "width", "L0", "FVU", "MSE", "dead", "frontier",
+                       title=f"sweep {sweep_id}: {len(rows)} runs, by L0", right=("id", "width", "L0", "FVU", "MSE", "dead"))
+    for r in rows:
+        table.add_row(str(r["id"]), r["status"], r["job"], number(r["width"]), number(r["l0"]), number(r["fvu"]),
+                      number(r["mse"]), percent(r["dead_frac"]), "*" if r["frontier"] else "")
+    console.print(table)
+    console.print(f"frontier plot (L0 vs FVU): {plot}" if points else "no finished runs yet: nothing to plot")
+    return 0
+
+
+def _default_plot(sweep_id: str) -> Path:
+    folder = Path(sweep_id)
+    return (folder if folder.is_dir() else Path.cwd()) / "frontier.png"
 
 
 def _short_model(name: str) -> str:
@@ -246,7 +309,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     listing = command("list", "every run, newest first")
     listing.add_argument("--status", choices=("running", "completed", "failed", "interrupted"))
     listing.add_argument("--model", help="only runs of this model name")
-    listing.add_argument("--sweep", metavar="FOLDER", help="only runs of one Hydra multirun (its sweep folder)")
+    listing.add_argument("--sweep", metavar="SWEEP",
+                         help="only the runs of one Hydra multirun: its folder, the folder's tail, or 'latest'")
+    command("sweeps", "every sweep (Hydra multirun) in the database, newest first")
+    compare = command("compare", "the runs of one sweep side by side, and their L0-vs-FVU frontier as a PNG")
+    compare.add_argument("sweep", help="the sweep folder (multirun/<date>/<time>), its tail, or 'latest'")
+    compare.add_argument("--plot", metavar="PNG", help="where to write the plot (default: frontier.png in the "
+                                                         "sweep folder)")
     top = command("top", "the top features of a run, with their strongest example")
     top.add_argument("run", type=int)
     top.add_argument("--by", choices=tuple(SORT_KEYS), default="frequency")
@@ -264,7 +333,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    handler = {"list": cmd_list, "top": cmd_top, "analyze": cmd_analyze, "details": cmd_details}[args.command]
+    handler = {"list": cmd_list, "sweeps": cmd_sweeps, "compare": cmd_compare, "top": cmd_top, "analyze": cmd_analyze,
+               "details": cmd_details}[args.command]
     return handler(args, make_console())
 
 

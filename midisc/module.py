@@ -16,6 +16,10 @@ from midisc import metrics
 from midisc.sae import SparseAutoencoder
 
 
+class NonFiniteLossError(ArithmeticError):
+    """The training loss became NaN or inf; the message is one line saying when and what to try."""
+
+
 class SAEModule(L.LightningModule):
     def __init__(self, sae: SparseAutoencoder, optimizer: Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer],
                  *, b_dec_init: str = "geometric_median", dead_window: int = 262_144,
@@ -37,6 +41,11 @@ class SAEModule(L.LightningModule):
             self.sae.init_b_dec(x, self.b_dec_init)
             self.b_dec_ready.fill_(True)
         out = self.sae(x)
+        # Stop at once: after one NaN step Adam makes every weight NaN, and nothing after it means anything.
+        if not torch.isfinite(out.loss):
+            raise NonFiniteLossError(
+                f"the training loss became {float(out.loss)} at step {self.global_step} (epoch {self.current_epoch}); "
+                "lower optimizer.lr or check the activations for inf (activations.outlier_factor drops huge norms)")
         fired = (out.codes > 0).any(0)
         self.tokens_since_fired += len(x)
         self.tokens_since_fired[fired] = 0
@@ -54,7 +63,10 @@ class SAEModule(L.LightningModule):
         if self.unit_norm_decoder:
             self.sae.remove_parallel_grad()
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here, not in on_train_batch_end: callbacks (the checkpoint among them) run before the module's own
+        # hook, and a checkpoint must hold the weights as the next step will see them.
         if self.unit_norm_decoder:
             self.sae.normalize_decoder()
 

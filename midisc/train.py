@@ -19,6 +19,7 @@ import sys
 import time
 import traceback
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,24 +29,32 @@ import torch
 from dotenv import load_dotenv
 from lightning.pytorch.callbacks import TQDMProgressBar
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from midisc import corpus, lm
-from midisc.activations import (ActivationStream, DiskCache, MemoryCache, cache_key, harvest, harvest_contexts,
-                                keep_mask)
+from midisc.activation_cache import CacheError, SharedCache, cache_bytes
+from midisc.activations import ActivationStream, ContextChunk, MemoryCache, harvest, harvest_contexts, keep_mask
 from midisc.callbacks import CURVES_FILENAME, Publisher, RunRecorder
+from midisc.checkpoints import (CHECKPOINT_DIR, Checkpointer, RunLock, checkpoint_step, last_checkpoint,
+                                trainer_position, trim_curves)
 from midisc.corpus import CorpusError
 from midisc.export import run_info
 from midisc.features import frequency_bins
 from midisc.lm import ModelError
-from midisc.module import SAEModule
-from midisc.store import Store, StoreError, redact_url
+from midisc.module import NonFiniteLossError, SAEModule
+from midisc.redaction import redact_log_records, redact_text, scrub_hydra_files
+from midisc.store import Store, StoreError, UnknownRunError, redact_url
+from midisc.store.engine import postgres_url_from_env
+from midisc.store.journal import PENDING_FILENAME, Journal
 from midisc.validate import ConfigError, check_config
 
-USER_ERRORS = (ConfigError, ModelError, CorpusError, StoreError)
+USER_ERRORS = (ConfigError, ModelError, CorpusError, StoreError, UnknownRunError, NonFiniteLossError,
+               CacheError)
+log = logging.getLogger(__name__)
 
 
 def short_dirname(name: str, limit: int = 120) -> str:
@@ -56,6 +65,8 @@ def short_dirname(name: str, limit: int = 120) -> str:
 
 
 OmegaConf.register_new_resolver("midisc.dirname", short_dirname, replace=True)
+# conf/storage/postgres.yaml: one builder of the URL (escaping the password) for training and the tools.
+OmegaConf.register_new_resolver("midisc.postgres_url", postgres_url_from_env, replace=True)
 
 
 @dataclass
@@ -93,17 +104,53 @@ def build_sae(cfg: DictConfig, d_in: int, device: str = "cpu") -> torch.nn.Modul
         raise ConfigError(f"sae: {cause}") from None
 
 
-def make_cache(cfg: DictConfig, producer: dict) -> MemoryCache | DiskCache:
-    if cfg.activations.cache == "memory":
-        return MemoryCache()
-    folder = Path(cfg.activations.cache_dir) / cache_key(**producer)
-    return DiskCache(folder, dtype=cfg.activations.dtype)
+def make_cache(cfg: DictConfig, producer: dict, expected_bytes: int) -> SharedCache | nullcontext:
+    """The activation cache the config asks for; `auto` shares one on disk between the jobs of a sweep."""
+    acts = cfg.activations
+    mode = acts.cache
+    if mode == "auto":
+        mode = "disk" if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN else "memory"
+    if mode == "memory":
+        return nullcontext(MemoryCache())
+    return SharedCache.open(acts.cache_dir, producer, dtype=acts.dtype, max_bytes=int(acts.cache_max_gb * 1e9),
+                            expected_bytes=expected_bytes, log=log.info)
 
 
 def make_loggers(cfg: DictConfig, output_dir: Path) -> list:
     if "wandb" in cfg.logger and not os.environ.get("WANDB_API_KEY"):
         os.environ.setdefault("WANDB_MODE", "offline")  # files in the run folder; `wandb sync` uploads later
     return [instantiate(conf, save_dir=str(output_dir)) for conf in cfg.logger.values()]
+
+
+def sweep_of_job() -> tuple[str | None, list[str] | None]:
+    """(the sweep folder, absolute, when this job is one of a multirun; the job's overrides, passwords hidden)."""
+    if not HydraConfig.initialized():
+        return None, None
+    hydra_cfg = HydraConfig.get()
+    overrides = [redact_text(o) for o in hydra_cfg.overrides.task]
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None, overrides
+    return str(Path(hydra_cfg.sweep.dir).resolve()), overrides
+
+
+def resumed_config(cfg: DictConfig) -> tuple[DictConfig, Path]:
+    """The config and folder of run `cfg.resume`, read from the database `cfg.storage.url` names."""
+    if not cfg.storage.url:
+        raise ConfigError("resume needs the database the run is recorded in; storage=none has none")
+    if isinstance(cfg.resume, bool) or not isinstance(cfg.resume, int):
+        raise ConfigError(f"resume must be a run id (an integer), got {cfg.resume!r}")
+    with Store(cfg.storage.url) as store:
+        run = store.get_run(cfg.resume)
+    if run["status"] == "completed":
+        raise ConfigError(f"run {cfg.resume} is already completed; resume= continues a failed, interrupted or "
+                          "killed run")
+    stored = OmegaConf.create(run["config"])
+    for key in cfg:  # settings added to midisc since the run started keep their defaults
+        if key not in stored:
+            stored[key] = cfg[key]
+    stored.storage.url = cfg.storage.url  # the recorded URL has its password hidden
+    stored.resume = cfg.resume
+    return stored, Path(run["output_dir"])
 
 
 def train(cfg: DictConfig, output_dir: Path) -> Result:
@@ -120,28 +167,43 @@ def train(cfg: DictConfig, output_dir: Path) -> Result:
         build_sae(cfg, d_in=hf_config.hidden_size, device="meta")  # meta: no memory, no weights
     L.seed_everything(cfg.seed, verbose=False)
 
-    run_id = None
-    if store:
+    lock = RunLock(output_dir)
+    if not lock.acquire():
+        raise ConfigError(f"{output_dir} is in use by another training process (pid {lock.holder()}); "
+                          "stop it first or wait for it")
+    run_id = cfg.resume
+    if store and run_id is not None:
+        store = Journal(store, output_dir / PENDING_FILENAME)  # first sends what an earlier attempt kept
+        store.reopen_run(run_id)
+    elif store:
+        sweep_id, overrides = sweep_of_job()
         run_id = store.start_run(model=m.name, hook=hook, layer=None if m.hook else cfg.layer,
                                  architecture=get_class(cfg.sae._target_).architecture, config=recorded_config(cfg),
-                                 output_dir=str(output_dir))
+                                 output_dir=str(output_dir), sweep_id=sweep_id, overrides=overrides)
+        store = Journal(store, output_dir / PENDING_FILENAME)
     try:
         result = _fit(cfg, output_dir, store, run_id, hook, train_texts, heldout_texts)
     except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into SystemExit(1)
         if store:
-            store.finish_run(run_id, "interrupted", error="interrupted by the user (Ctrl-C)")
-        raise
+            how = f"continue with: python -m midisc.train resume={run_id}"
+            store.finish_run(run_id, "interrupted", error=f"interrupted by the user (Ctrl-C); {how}")
+            print(f"run {run_id} is marked interrupted and its checkpoint is saved; {how}", file=sys.stderr)
+        raise KeyboardInterrupt from None
     except BaseException as err:
         if store:
             error = str(err) if isinstance(err, USER_ERRORS) else "".join(traceback.format_exception(err))
-            store.finish_run(run_id, "failed", error=error[-8000:])
+            store.finish_run(run_id, "failed", error=redact_text(error)[-8000:])
         raise
     else:
         result.seconds = time.time() - started
         if store:
             store.finish_run(run_id, "completed", metrics=result.metrics)
     finally:
+        lock.release()
         if store:
+            if store.pending:
+                print(f"warning: the database was unreachable: {store.pending} write(s) of run {run_id} wait in "
+                      f"{store.path}; send them with: python -m midisc.db sync {store.path}", file=sys.stderr)
             store.close()
     return result
 
@@ -159,28 +221,40 @@ def _fit(cfg: DictConfig, output_dir: Path, store: Store | None, run_id: int | N
 
     options = dict(special_ids=special, batch_contexts=acts.lm_batch_size, outlier_factor=acts.outlier_factor,
                    store_dtype=acts.dtype)
-
-    def harvest_from(contexts, progress=None):
-        return harvest(loaded.model, module, contexts, progress=progress, **options)
-
-    # Held-out activations keep their contexts: the feature analysis shows them as examples.
-    heldout_chunks = list(harvest_contexts(loaded.model, module, heldout_ctx, progress="held-out activations",
-                                           **options))
-    heldout = torch.cat([chunk.acts for chunk in heldout_chunks])
     expected = int(keep_mask(train_ctx, special).sum())
     if expected < cfg.batch_size:
         raise ConfigError(f"the {len(train_ctx)} training contexts give at most {expected} activation vectors, "
                           f"fewer than one batch of batch_size={cfg.batch_size}; raise max_samples or lower batch_size")
+    # Everything that decides the activations; runs that agree on it share one cache (the SAE settings don't).
+    producer = dict(model=m.name, gguf=m.gguf_file, hook=hook, data=OmegaConf.to_container(cfg.data),
+                    max_samples=cfg.max_samples, seed=cfg.seed, context_size=cfg.context_size, separator=m.separator,
+                    bos=m.prepend_bos, outlier_factor=acts.outlier_factor, dtype=acts.dtype, model_dtype=m.dtype,
+                    lm_batch_size=acts.lm_batch_size)  # outliers are judged against each forward batch's median
+    need = cache_bytes(expected + heldout_ctx.numel(), loaded.model.config.hidden_size, acts.dtype,
+                       tokens=heldout_ctx.numel())
+    with make_cache(cfg, producer, need) as cache:
+        if getattr(cache, "complete", False):
+            log.info(f"reusing cached activations from {cache.folder} ({cache.describe()}); "
+                     "the language model does not run")
+            heldout_chunks = cache.load_heldout()
+        else:
+            # Held-out activations keep their contexts: the feature analysis shows them as examples.
+            heldout_chunks = list(harvest_contexts(loaded.model, module, heldout_ctx,
+                                                   progress="held-out activations", **options))
+            if isinstance(cache, SharedCache):
+                cache.save_heldout(heldout_chunks)
+        stream = ActivationStream(lambda: harvest(loaded.model, module, train_ctx, **options), cache,
+                                  batch_size=cfg.batch_size, buffer_size=acts.buffer_size, expected_rows=expected,
+                                  seed=cfg.seed)
+        return _train(cfg, output_dir, store, run_id, hook, loaded, stream, heldout_chunks)
+
+
+def _train(cfg: DictConfig, output_dir: Path, store: Store | None, run_id: int | None, hook: str,
+           loaded: lm.LoadedModel, stream: ActivationStream, heldout_chunks: list[ContextChunk]) -> Result:
+    heldout = torch.cat([chunk.acts for chunk in heldout_chunks])
     sae = build_sae(cfg, d_in=heldout.shape[1])
     if store:
         store.update_run(run_id, d_in=sae.d_in, d_sae=sae.d_sae)
-
-    producer = dict(model=m.name, gguf=m.gguf_file, hook=hook, data=OmegaConf.to_container(cfg.data),
-                    max_samples=cfg.max_samples, seed=cfg.seed, context_size=cfg.context_size, separator=m.separator,
-                    bos=m.prepend_bos, outlier_factor=acts.outlier_factor, dtype=acts.dtype, model_dtype=m.dtype)
-    stream = ActivationStream(lambda: harvest_from(train_ctx), make_cache(cfg, producer),
-                              batch_size=cfg.batch_size, buffer_size=acts.buffer_size, expected_rows=expected,
-                              seed=cfg.seed)
     heldout_batches = list(heldout.split(cfg.batch_size))
     recorder = RunRecorder(store, run_id, output_dir / CURVES_FILENAME, heldout_chunks, lm.token_texts(loaded.tokenizer),
                            analysis=OmegaConf.to_container(cfg.analysis), count_tokens=lambda: stream.n_rows)
@@ -188,15 +262,27 @@ def _fit(cfg: DictConfig, output_dir: Path, store: Store | None, run_id: int | N
     publisher = Publisher(store, recorder, output_dir, info, lambda: lm.unembedding(loaded.model),
                           OmegaConf.to_container(cfg.export))
     module_ = SAEModule(sae, instantiate(cfg.optimizer), b_dec_init=cfg.b_dec_init, dead_window=cfg.dead_window)
-    callbacks: list[L.Callback] = [recorder, publisher]  # in this order: the publisher reads the recorder's results
+    checkpointer = Checkpointer(output_dir / CHECKPOINT_DIR, cfg.checkpoint_every)
+    ckpt = last_checkpoint(output_dir) if cfg.resume is not None else None
+    if ckpt:
+        step, epoch = checkpoint_step(ckpt)
+        trim_curves(output_dir / CURVES_FILENAME, step)
+        log.info(f"resuming run {run_id} from step {step} (epoch {epoch + 1} of {cfg.epochs}) saved in {ckpt}")
+    elif cfg.resume is not None:
+        (output_dir / CURVES_FILENAME).unlink(missing_ok=True)
+        log.info(f"run {run_id} saved no checkpoint before it stopped; training it again from the start")
+    # In this order: the publisher reads the recorder's results, and an epoch's row is written before its checkpoint.
+    callbacks: list[L.Callback] = [recorder, checkpointer, publisher]
     if cfg.trainer.enable_progress_bar:
         callbacks.append(TQDMProgressBar())  # Rich's bar draws nothing when output is not a terminal (CI, logs)
     trainer = instantiate(cfg.trainer, default_root_dir=str(output_dir), logger=make_loggers(cfg, output_dir) or False,
                           callbacks=callbacks)
+    stream.position = trainer_position(trainer)
     trainer.fit(module_, train_dataloaders=DataLoader(stream, batch_size=None),
-                val_dataloaders=DataLoader(heldout_batches, batch_size=None))
+                val_dataloaders=DataLoader(heldout_batches, batch_size=None), ckpt_path=ckpt)
     if trainer.interrupted:
         raise KeyboardInterrupt
+    checkpointer.discard()
     final = recorder.metrics
     if store:
         store.update_run(run_id, n_tokens=stream.n_rows)
@@ -230,23 +316,30 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*IterableDataset.*has `__len__` defined.*")
     warnings.filterwarnings("ignore", message=".*treespec.*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    # A resumed run replays the epoch's seeded order and skips what was trained (see checkpoints.py).
+    warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     quiet_lightning()
     output_dir = Path(HydraConfig.get().runtime.output_dir)
+    sweep_dir = HydraConfig.get().sweep.dir if HydraConfig.get().mode == RunMode.MULTIRUN else None
+    scrub_hydra_files(output_dir, Path(sweep_dir) if sweep_dir else None)  # a password given in storage.url
     try:
+        if cfg.resume is not None:
+            cfg, output_dir = resumed_config(cfg)
         result = train(cfg, output_dir)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted: the run is marked interrupted in the database", file=sys.stderr)
+        print("interrupted", file=sys.stderr)
         sys.exit(130)
     print(summary(result, cfg.storage.url))
 
 
 if __name__ == "__main__":
     load_dotenv(Path.cwd() / ".env")  # POSTGRES_* and MIDISC_DB_URL may live in a .env file
+    redact_log_records()  # before Hydra's launcher logs each job's overrides, storage.url among them
     main()

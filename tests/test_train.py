@@ -1,6 +1,7 @@
 """End to end: the real entry point on tiny random models, in-process and as a user runs it."""
 
 import json
+import logging
 import signal
 from pathlib import Path
 
@@ -73,13 +74,16 @@ def test_without_neuronpedia_only_the_saelens_folder_is_written(tmp_path, tiny_l
     assert not list(result.output_dir.glob("*_neuronpedia")) and not (result.output_dir / "exports").exists()
 
 
-def test_disk_cache_is_written_and_reused(tmp_path, tiny_llama, text_folder):
+def test_disk_cache_is_written_and_reused(tmp_path, tiny_llama, text_folder, caplog):
     extra = ("activations.cache=disk", f"activations.cache_dir={tmp_path / 'cache'}")
     first, _ = run_tiny(tmp_path, tiny_llama, text_folder, *extra)
-    (folder,) = (tmp_path / "cache").iterdir()
+    (folder,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
     assert (folder / "meta.json").is_file()
+    caplog.set_level(logging.INFO, logger="midisc.train")
     second, _ = run_tiny(tmp_path, tiny_llama, text_folder, *extra)
     assert second.metrics["n_tokens"] == first.metrics["n_tokens"]
+    assert f"reusing cached activations from {folder}" in caplog.text
+    assert second.metrics["fvu"] == pytest.approx(first.metrics["fvu"], rel=0.2)
 
 
 @pytest.mark.parametrize("extra, error, message", [
@@ -159,6 +163,20 @@ def test_cli_multirun_sweep_records_each_job(tmp_path, tiny_llama, text_folder):
     listed = run_cli(["midisc.explore", "list", "--json", "--sweep", str(sweep.relative_to(tmp_path)),
                       "--db", f"sqlite:///{db}"], cwd=tmp_path)
     assert listed.returncode == 0 and len(json.loads(listed.stdout)) == 4
+    # One sweep in the database, each job with its own overrides.
+    assert {r["sweep_id"] for r in runs} == {str(sweep)}
+    assert all(f"sae.k={r['config']['sae']['k']}" in r["overrides"] for r in runs)
+    # The language model ran once per layer; the other job on that layer read the shared disk cache.
+    logs = [p.read_text() for p in sweep.glob("*/train.log")]
+    assert len(logs) == 4 and sum("reusing cached activations" in log for log in logs) == 2
+    assert len([p for p in (tmp_path / "outputs" / "activation_cache").iterdir() if p.is_dir()]) == 2
+    compared = run_cli(["midisc.explore", "compare", "latest", "--json", "--db", f"sqlite:///{db}"], cwd=tmp_path)
+    assert compared.returncode == 0, compared.stderr
+    report = json.loads(compared.stdout)
+    assert report["sweep_id"] == str(sweep) and Path(report["plot"]) == sweep / "frontier.png"
+    assert (sweep / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(report["runs"]) == 4 and any(r["frontier"] for r in report["runs"])
+    assert {r["job"] for r in report["runs"]} == {f"sae.k={k} layer={layer}" for k in (4, 8) for layer in (0, 1)}
 
 
 def test_cli_error_is_one_line_without_traceback(tmp_path, tiny_llama, text_folder):

@@ -1,0 +1,124 @@
+"""Checkpoints that let a run outlive a crash, `kill -9` or Ctrl-C: `python -m midisc.train resume=RUN`.
+
+A run saves `checkpoints/last.ckpt` every `every_n_steps` optimizer steps, at each epoch end and on
+Ctrl-C, always to a temporary file renamed over the old one, so a kill in mid-save leaves the previous
+checkpoint whole. A resumed run continues from the exact batch: Lightning restores the weights, the
+optimizer and its counters, and `trainer_position` tells the activation stream which epoch it serves and
+how many of that epoch's batches were already trained on; the stream replays that epoch's seeded order
+and skips them, since a plain iterable cannot be rewound.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import torch
+
+CHECKPOINT_DIR = "checkpoints"
+LAST = "last.ckpt"
+LOCK_FILENAME = ".running.lock"
+
+
+def last_checkpoint(output_dir: Path) -> Path | None:
+    path = Path(output_dir) / CHECKPOINT_DIR / LAST
+    return path if path.is_file() else None
+
+
+def checkpoint_step(path: Path) -> tuple[int, int]:
+    """(global step, epoch) a checkpoint was saved at; memory-mapped, so the weights are not read."""
+    state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    return int(state["global_step"]), int(state["epoch"])
+
+
+def trim_curves(path: Path, last_step: int) -> None:
+    """Drop the rows of a curve file logged after `last_step`: the resumed run logs those steps again."""
+    if not Path(path).is_file():
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    kept = rows[:1] + [row for row in rows[1:] if row and int(row[0]) <= last_step]
+    tmp = Path(path).with_suffix(".trimming")
+    with open(tmp, "w", newline="") as f:
+        csv.writer(f).writerows(kept)
+    tmp.replace(path)
+
+
+class Checkpointer(L.Callback):
+    """Saves `last.ckpt` every `every_n_steps` steps, at every epoch end and on Ctrl-C."""
+
+    def __init__(self, folder: Path, every_n_steps: int) -> None:
+        self.folder = Path(folder)
+        self.every_n_steps = every_n_steps
+
+    def save(self, trainer: L.Trainer) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f".{LAST}.partial"
+        trainer.save_checkpoint(tmp, weights_only=False)  # the optimizer and loop state too: resume needs them
+        os.replace(tmp, self.folder / LAST)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            self.save(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.save(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # Only Ctrl-C: after a crash (NaN loss, a bug) the last periodic checkpoint is the one worth keeping.
+        if isinstance(exception, KeyboardInterrupt) and trainer.global_step > 0:
+            self.save(trainer)
+
+    def discard(self) -> None:
+        """Remove the checkpoints once the run has completed: its SAE is in sae/ and they are large."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def trainer_position(trainer: L.Trainer) -> Callable[[], tuple[int, int]]:
+    """(epoch, batches of it already trained on), read when the activation stream starts an epoch.
+
+    Read then, not in a hook: on a resume Lightning restores its counters only as the epoch loop starts,
+    after `on_train_start`, and before it asks the stream for the first batch.
+    """
+    return lambda: (trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.completed)
+
+
+class RunLock:
+    """An exclusive lock on a run folder while a process trains in it, so `resume=` cannot start a second
+    process on a run that is still alive. The operating system frees it when the process dies, kill -9 included."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.path = Path(output_dir) / LOCK_FILENAME
+        self._file = None
+
+    def acquire(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.close()
+            self._file = None
+            return False
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(str(os.getpid()))
+        self._file.flush()
+        return True
+
+    def holder(self) -> str:
+        try:
+            return self.path.read_text().strip() or "?"
+        except OSError:
+            return "?"
+
+    def release(self) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None

@@ -1,0 +1,67 @@
+"""Keep database passwords out of everything a run writes: logs, Hydra's saved config, the console.
+
+A password reaches us inside a URL (`storage.url=postgresql://user:secret@host/db` on the command line,
+or one composed from $POSTGRES_PASSWORD). The database, the exports and our own messages only ever see
+the redacted URL; what is left are files and log lines written by Hydra itself before our code runs —
+the job's `.hydra/*.yaml`, the sweep's `multirun.yaml` and the launcher's "#0 : storage.url=…" line —
+which is why this module rewrites those files and every log record.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+# scheme://user:password@ -> scheme://user:***@ ; the password runs to the last '@' before the host.
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s'\"]*:)([^\s'\"]+)@")
+
+
+def redact_text(text: str) -> str:
+    """`text` with the password of every URL in it replaced by ***."""
+    return _URL_PASSWORD.sub(lambda m: f"{m.group(1)}***@" if m.group(2) != "***" else m.group(0), text)
+
+
+def scrub_file(path: Path) -> bool:
+    """Rewrite `path` with passwords redacted; True if it held one."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError):
+        return False
+    clean = redact_text(text)
+    if clean == text:
+        return False
+    tmp = Path(path).with_name(Path(path).name + ".redacting")
+    tmp.write_text(clean)
+    tmp.replace(path)
+    return True
+
+
+def scrub_hydra_files(output_dir: Path, sweep_dir: Path | None = None) -> int:
+    """Redact the config files Hydra saved for this job (and its sweep); returns how many held a password."""
+    files = list((Path(output_dir) / ".hydra").glob("*.yaml"))
+    if sweep_dir is not None:
+        files.append(Path(sweep_dir) / "multirun.yaml")
+    return sum(scrub_file(path) for path in files if path.is_file())
+
+
+def redact_log_records() -> None:
+    """Redact URL passwords in every log record from now on, whatever handler writes it.
+
+    A record factory rather than a handler filter: Hydra reconfigures logging when it starts a job,
+    which drops filters installed before it, but the factory that builds records stays.
+    """
+    previous = logging.getLogRecordFactory()
+    if getattr(previous, "midisc_redacts", False):
+        return
+
+    def factory(*args, **kwargs) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        if record.args:
+            record.msg, record.args = record.getMessage(), None
+        if isinstance(record.msg, str) and "@" in record.msg:
+            record.msg = redact_text(record.msg)
+        return record
+
+    factory.midisc_redacts = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(factory)

@@ -1,0 +1,201 @@
+"""Runs that meet faults lose nothing: kill -9 and resume, Ctrl-C, a NaN loss, the database going away.
+
+The fault tests run against the real PostgreSQL server (`postgres_url` skips without one; CI has one).
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from omegaconf import open_dict
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+
+from conftest import REPO, compose_config, run_cli, tiny_overrides
+from midisc import train as train_mod
+from midisc.checkpoints import CHECKPOINT_DIR, LAST
+from midisc.db import main as db_main
+from midisc.module import NonFiniteLossError
+from midisc.store import Store
+from midisc.store.journal import PENDING_FILENAME
+from midisc.train import train
+from proxy import Proxy
+
+SECRET = "S3cr-t-pa55"  # trust auth ignores it, so it can travel in the URL without breaking the login
+
+
+def tiny_cfg(tiny_llama, text_folder, url, *extra):
+    cfg = compose_config(tiny_overrides(tiny_llama, text_folder, None) + list(extra))
+    with open_dict(cfg):
+        cfg.storage.url = url
+    return cfg
+
+
+def row_counts(store: Store, run_id: int) -> dict[str, int]:
+    return {"epochs": len(store.epoch_metrics(run_id)), "features": len(store.features(run_id)),
+            "examples": len(store.feature_examples(run_id)), "sae_models": len(store.sae_models(run_id))}
+
+
+def start_cli(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+
+
+def wait_for(path_glob: str, root: Path, proc: subprocess.Popen, timeout: float = 120) -> Path:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = list(root.glob(path_glob))
+        if found:
+            return found[0]
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"the run ended (status {proc.returncode}) before {path_glob} appeared:\n{err[-3000:]}")
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"{path_glob} did not appear within {timeout} s")
+
+
+def files_holding(root: Path, secret: str) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_into_the_same_run_and_no_file_holds_the_password(
+        tmp_path, tiny_llama, text_folder, postgres_url):
+    url = postgres_url.replace("postgres@", f"postgres:{SECRET}@", 1)
+    assert make_url(url).password == SECRET
+    overrides = [o for o in tiny_overrides(tiny_llama, text_folder, None) if not o.startswith("storage.url")]
+    settings = ["epochs=6", "checkpoint_every=2"]
+    args = ["midisc.train", *overrides, *settings, f"storage.url='{url}'"]
+
+    proc = start_cli(args, tmp_path)
+    wait_for(f"outputs/*/*/{CHECKPOINT_DIR}/{LAST}", tmp_path, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with Store(postgres_url) as store:
+        (run,) = store.list_runs()
+        assert run["status"] == "running"  # kill -9 leaves no chance to record anything
+
+    resumed = run_cli(["midisc.train", f"resume={run['id']}", f"storage.url='{url}'"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming run {run['id']} from step" in resumed.stdout + resumed.stderr
+    assert f"run {run['id']} completed" in resumed.stdout
+    with Store(postgres_url) as store:
+        (after,) = store.list_runs()
+        assert after["status"] == "completed" and after["output_dir"] == run["output_dir"]
+        resumed_counts = row_counts(store, run["id"])
+    assert not (Path(run["output_dir"]) / CHECKPOINT_DIR).exists()  # removed once the run completed
+
+    # The same run without the kill: the same rows.
+    baseline = train(tiny_cfg(tiny_llama, text_folder, f"sqlite:///{tmp_path / 'base.db'}", *settings),
+                     tmp_path / "baseline")
+    with Store(f"sqlite:///{tmp_path / 'base.db'}") as store:
+        assert resumed_counts == row_counts(store, baseline.run_id)
+    assert resumed_counts["epochs"] == 6
+
+    # The password: nowhere in what either invocation wrote, nor in the database.
+    assert files_holding(tmp_path / "outputs", SECRET) == []
+    with Store(postgres_url) as store:
+        engine = store._engine
+        with engine.connect() as connection:
+            for table in ("training_runs", "epoch_metrics", "sae_models"):
+                dump = " ".join(map(str, connection.execute(text(f"SELECT * FROM {table}")).all()))
+                assert SECRET not in dump, table
+    assert SECRET not in resumed.stdout + resumed.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_marks_the_run_interrupted_keeps_its_metrics_and_saves_a_checkpoint(
+        tmp_path, tiny_llama, text_folder, postgres_url):
+    overrides = [o for o in tiny_overrides(tiny_llama, text_folder, None) if not o.startswith("storage.url")]
+    # The URL through $MIDISC_DB_URL, which storage=sqlite (the default) reads.
+    proc = start_cli(["midisc.train", *overrides, "epochs=40", "checkpoint_every=1000"], tmp_path,
+                     env={"MIDISC_DB_URL": postgres_url})
+    with Store(postgres_url) as store:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            runs = store.list_runs()
+            if runs and len(store.epoch_metrics(runs[0]["id"])) >= 2:
+                break
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130, err[-3000:]
+        (run,) = store.list_runs()
+        assert run["status"] == "interrupted" and f"resume={run['id']}" in run["error"]
+        assert f"python -m midisc.train resume={run['id']}" in err and "Traceback" not in err
+        kept = len(store.epoch_metrics(run["id"]))
+        assert 2 <= kept < 40
+    output_dir = Path(run["output_dir"])
+    assert (output_dir / CHECKPOINT_DIR / LAST).is_file()
+
+    # Resumed in-process with the stored config: the same run goes on to the end, its epochs kept once each.
+    cfg = compose_config(["resume=" + str(run["id"]), f"storage.url='{postgres_url}'"])
+    cfg, folder = train_mod.resumed_config(cfg)
+    assert folder == output_dir and cfg.epochs == 40
+    with open_dict(cfg):
+        cfg.epochs = cfg.trainer.max_epochs = kept + 1  # a shorter finish: it carries on from the checkpoint
+    result = train(cfg, folder)
+    with Store(postgres_url) as store:
+        assert [e["epoch"] for e in store.epoch_metrics(run["id"])] == list(range(kept + 1))
+        assert store.get_run(run["id"])["status"] == "completed" and result.run_id == run["id"]
+
+
+def test_a_nan_loss_stops_the_run_as_failed_and_nothing_non_finite_is_kept(
+        tmp_path, tiny_llama, text_folder, monkeypatch):
+    class Poisoned(train_mod.SAEModule):
+        def training_step(self, batch, batch_idx):
+            if self.current_epoch == 1 and batch_idx == 2:
+                batch = batch * float("nan")
+            return super().training_step(batch, batch_idx)
+
+    monkeypatch.setattr(train_mod, "SAEModule", Poisoned)
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    with pytest.raises(NonFiniteLossError, match=r"the training loss became nan at step \d+ \(epoch 1\)"):
+        train(tiny_cfg(tiny_llama, text_folder, url), tmp_path / "out")
+    with Store(url) as store:
+        (run,) = store.list_runs()
+        assert run["status"] == "failed" and "lower optimizer.lr" in run["error"] and "\n" not in run["error"]
+        assert [e["epoch"] for e in store.epoch_metrics(run["id"])] == [0]  # the good epoch stays
+        assert store.features(run["id"]) == [] and store.sae_models(run["id"]) == []
+    assert not (tmp_path / "out" / "sae").exists()  # nothing published from NaN weights
+
+
+def test_training_goes_on_while_the_database_is_away(tmp_path, tiny_llama, text_folder, postgres_url, monkeypatch):
+    real = make_url(postgres_url)
+    proxy = Proxy(real.host, real.port or 5432).start()
+    url = real.set(port=proxy.port).render_as_string(hide_password=False)
+    recorder = train_mod.RunRecorder
+    original_epoch_end, original_train_end = recorder.on_train_epoch_end, recorder.on_train_end
+
+    def epoch_end(self, trainer, module):
+        (proxy.stop if trainer.current_epoch == 0 else proxy.start)()  # away at epoch 0's end, back at epoch 1's
+        original_epoch_end(self, trainer, module)
+
+    def train_end(self, trainer, module):
+        proxy.stop()  # and away again for the feature analysis and everything after it
+        original_train_end(self, trainer, module)
+
+    monkeypatch.setattr(recorder, "on_train_epoch_end", epoch_end)
+    monkeypatch.setattr(recorder, "on_train_end", train_end)
+    try:
+        result = train(tiny_cfg(tiny_llama, text_folder, url, "epochs=3"), tmp_path / "out")
+        pending = tmp_path / "out" / PENDING_FILENAME
+        assert pending.is_file() and result.metrics["fvu"] < 1
+        with Store(postgres_url) as store:
+            run = store.get_run(result.run_id)
+            assert run["status"] == "running" and len(store.epoch_metrics(result.run_id)) == 3  # back at epoch 1
+        proxy.start()
+        assert db_main(["sync", str(tmp_path / "out"), "--db", url]) == 0
+    finally:
+        proxy.stop()
+    assert not pending.exists()
+    with Store(postgres_url) as store:
+        assert store.get_run(result.run_id)["status"] == "completed"
+        counts = row_counts(store, result.run_id)
+    assert counts["epochs"] == 3 and counts["features"] == result.sae.d_sae and counts["sae_models"] == 1
+    assert counts["examples"] > 0
