@@ -343,3 +343,29 @@ def test_loss_decreases_with_adam(arch):
     with torch.no_grad():
         final = sae(data).loss.item()
     assert final < 0.5 * initial, (initial, final)
+
+
+def test_topk_training_pass_matches_the_dense_one_in_value_and_gradient():
+    # The sparse pass (embedding-bag decoder, b_dec folded through W_enc) must be the dense maths, reordered.
+    sae = TopKSAE(16, 4, k=5, seed=3)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_(0.0, 1.0)  # negative pre-activations in some top-k sets: ReLU zeroes them
+    x = torch.randn(2, 12, 16)
+
+    def grads(forward):
+        sae.zero_grad()
+        out = forward(x)
+        out.loss.backward()
+        return out, {name: p.grad.clone() for name, p in sae.named_parameters()}
+
+    sparse, sparse_grads = grads(sae)
+    dense, dense_grads = grads(lambda v: SparseAutoencoder.forward(sae, v))
+    assert sparse.x_hat.shape == dense.x_hat.shape == x.shape and sparse.codes.shape == (2, 12, 64)
+    torch.testing.assert_close(sparse.codes, dense.codes)
+    for name in ("loss", "mse", "l1", "x_hat"):
+        torch.testing.assert_close(getattr(sparse, name), getattr(dense, name), rtol=1e-5, atol=1e-6)
+    for name, grad in dense_grads.items():
+        torch.testing.assert_close(sparse_grads[name], grad, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # inference keeps the dense sums, identical to SAELens's
+        assert torch.equal(sae(x).x_hat, SparseAutoencoder.forward(sae, x).x_hat)
