@@ -11,14 +11,10 @@ they carry ~70 % of the squared norm, so leaving them in makes MSE and FVU measu
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 from tqdm.auto import tqdm
@@ -137,76 +133,8 @@ class MemoryCache:
         return self.rows[start:stop]
 
 
-class DiskCache:
-    """Activation vectors in one raw file under `folder`, published atomically when complete.
-
-    Rows are appended to `acts.bin.partial`; `finish` writes `meta.json` and renames, so a cache that was
-    cut off half-way is never mistaken for a complete one. Reads go through a memory map. Kept while
-    train.py builds it: activation_cache.SharedCache replaces it (shared between jobs, budgeted, locked).
-    """
-
-    def __init__(self, folder: str | Path, d: int | None = None, dtype: str = "float32") -> None:
-        self.folder = Path(folder)
-        self.dtype = dtype
-        self._file = None
-        self._map = None
-        meta = self.folder / "meta.json"
-        self.complete = meta.is_file() and (self.folder / "acts.bin").is_file()
-        self.n_rows, self.d = 0, d
-        if self.complete:
-            info = json.loads(meta.read_text())
-            self.n_rows, self.d, self.dtype = info["rows"], info["d"], info["dtype"]
-
-    def reset(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.folder / "acts.bin.partial", "wb")
-        self.n_rows, self.complete, self._map = 0, False, None
-
-    def append(self, chunk: torch.Tensor) -> None:
-        self.d = chunk.shape[1]
-        # bfloat16 has no numpy type: its bits travel as int16.
-        bits = chunk.view(torch.int16) if chunk.dtype == torch.bfloat16 else chunk
-        self._file.write(bits.contiguous().numpy().tobytes())
-        self.n_rows += len(chunk)
-
-    def finish(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self.folder / "acts.bin.partial", self.folder / "acts.bin")
-        meta = {"rows": self.n_rows, "d": self.d, "dtype": self.dtype}
-        tmp = self.folder / "meta.json.partial"
-        tmp.write_text(json.dumps(meta))
-        os.replace(tmp, self.folder / "meta.json")
-        self.complete = True
-
-    def abort(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-            (self.folder / "acts.bin.partial").unlink(missing_ok=True)
-
-    def __len__(self) -> int:
-        return self.n_rows
-
-    def block(self, start: int, stop: int) -> torch.Tensor:
-        if self._map is None:
-            np_dtype = np.int16 if self.dtype == "bfloat16" else np.float32
-            self._map = np.memmap(self.folder / "acts.bin", dtype=np_dtype, mode="r", shape=(self.n_rows, self.d))
-        rows = torch.from_numpy(np.array(self._map[start:stop]))
-        return rows.view(torch.bfloat16) if self.dtype == "bfloat16" else rows
-
-
-def __getattr__(name: str):
-    # cache_key moved to midisc.activation_cache; train.py imports it from here until it opens a SharedCache.
-    if name == "cache_key":
-        from midisc.activation_cache import cache_key
-        return cache_key
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 class ActivationCache(Protocol):
-    """Where epoch 1 leaves the vectors for later epochs: MemoryCache, DiskCache or activation_cache.SharedCache."""
+    """Where epoch 1 leaves the vectors for later epochs: MemoryCache or activation_cache.SharedCache."""
 
     complete: bool
 

@@ -169,6 +169,8 @@ def train(cfg: DictConfig, output_dir: Path) -> Result:
 
     lock = RunLock(output_dir)
     if not lock.acquire():
+        if store:
+            store.close()
         raise ConfigError(f"{output_dir} is in use by another training process (pid {lock.holder()}); "
                           "stop it first or wait for it")
     run_id = cfg.resume
@@ -187,7 +189,8 @@ def train(cfg: DictConfig, output_dir: Path) -> Result:
         if store:
             how = f"continue with: python -m midisc.train resume={run_id}"
             store.finish_run(run_id, "interrupted", error=f"interrupted by the user (Ctrl-C); {how}")
-            print(f"run {run_id} is marked interrupted and its checkpoint is saved; {how}", file=sys.stderr)
+            saved = "its checkpoint is saved" if last_checkpoint(output_dir) else "it had no checkpoint yet"
+            print(f"run {run_id} is marked interrupted and {saved}; {how}", file=sys.stderr)
         raise KeyboardInterrupt from None
     except BaseException as err:
         if store:

@@ -112,8 +112,9 @@ def ensure_current(engine: Engine, shown: str) -> Migration | None:
 
 def upgrade(engine: Engine, shown: str) -> Migration:
     """Apply the revisions the database lacks, under the migration lock; StoreError (one line) if that fails."""
-    from alembic import command
-    from alembic.util import CommandError
+    with _quiet_alembic():  # from the import on: loading Alembic logs its plugins
+        from alembic import command
+        from alembic.util import CommandError
 
     try:
         with _migration_connection(engine) as connection:
@@ -208,7 +209,8 @@ def _leave_begin_to_sqlalchemy(dbapi_connection: Any, _record: Any) -> None:
 
 @contextmanager
 def _quiet_alembic() -> Iterator[None]:
-    # Alembic logs every step at INFO, which under Hydra's logging would add lines to every run that migrates.
+    # Alembic logs every step at INFO (and its plugins as they load, before any step), which under Hydra's
+    # logging would add a dozen lines to every run that migrates; the one line `ensure_current` prints says it.
     logger = logging.getLogger("alembic")
     level = logger.level
     logger.setLevel(logging.WARNING)
