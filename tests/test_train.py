@@ -179,6 +179,19 @@ def test_cli_multirun_sweep_records_each_job(tmp_path, tiny_llama, text_folder):
     assert {r["job"] for r in report["runs"]} == {f"sae.k={k} layer={layer}" for k in (4, 8) for layer in (0, 1)}
 
 
+@pytest.mark.slow
+def test_parallel_jobs_harvest_once_and_the_other_waits_then_reuses(tmp_path, tiny_llama, text_folder):
+    db = tmp_path / "runs.db"
+    base = cli_args(tiny_llama, text_folder, db)
+    proc = run_cli([base[0], "-m", *base[1:], "sae.k=4,8", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+                   cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = Store(f"sqlite:///{db}").list_runs()
+    assert len(runs) == 2 and {r["status"] for r in runs} == {"completed"} and len({r["sweep_id"] for r in runs}) == 1
+    logs = [p.read_text() for p in tmp_path.glob("multirun/*/*/*/train.log")]
+    assert len(logs) == 2 and sum("reusing cached activations" in log for log in logs) == 1
+
+
 def test_cli_error_is_one_line_without_traceback(tmp_path, tiny_llama, text_folder):
     proc = run_cli(cli_args(tiny_llama, text_folder, tmp_path / "runs.db") + ["layer=9"], cwd=tmp_path)
     assert proc.returncode == 2
