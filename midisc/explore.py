@@ -144,15 +144,18 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     with open_store(args.db) as store:
         sweep_id, runs = sweep_runs(store, args.sweep)
     rows = sweeps.comparison(runs)
-    points = [(r["l0"], r["fvu"], f"run {r['id']}") for r in rows if r["l0"] is not None and r["fvu"] is not None]
+    # Each point named by what set its job apart when that is short (sae.k=16), else by its run id.
+    points = [(r["l0"], r["fvu"], r["job"] if len(r["job"]) <= 24 and r["job"] != "-" else f"run {r['id']}")
+              for r in rows if r["l0"] is not None and r["fvu"] is not None]
     plot = Path(args.plot) if args.plot else _default_plot(sweep_id)
     if points:
         plots.frontier(points, plot, title=f"Sparsity–fidelity frontier: {Path(sweep_id).name}")
     if args.json:
         print_json({"sweep_id": sweep_id, "plot": str(plot) if points else None, "runs": rows})
         return 0
+    console.print(f"sweep {sweep_id}: {len(rows)} runs, by L0", markup=False, highlight=False, soft_wrap=True)
     table = make_table(console, "id", "status", "job", "width", "L0", "FVU", "MSE", "dead", "frontier",
-                       title=f"sweep {sweep_id}: {len(rows)} runs, by L0", right=("id", "width", "L0", "FVU", "MSE", "dead"))
+                       right=("id", "width", "L0", "FVU", "MSE", "dead"))
     for r in rows:
         table.add_row(str(r["id"]), r["status"], r["job"], number(r["width"]), number(r["l0"]), number(r["fvu"]),
                       number(r["mse"]), percent(r["dead_frac"]), "*" if r["frontier"] else "")
