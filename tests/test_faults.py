@@ -199,3 +199,35 @@ def test_training_goes_on_while_the_database_is_away(tmp_path, tiny_llama, text_
         counts = row_counts(store, result.run_id)
     assert counts["epochs"] == 3 and counts["features"] == result.sae.d_sae and counts["sae_models"] == 1
     assert counts["examples"] > 0
+
+
+def test_resume_refuses_a_completed_run_and_one_still_training(tmp_path, tiny_llama, text_folder):
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    cfg = tiny_cfg(tiny_llama, text_folder, url)
+    with Store(url) as store:
+        done = store.start_run(model="m", hook="h", layer=1, architecture="topk",
+                               config=train_mod.recorded_config(cfg), output_dir=str(tmp_path / "done"))
+        store.finish_run(done, "completed")
+        alive = store.start_run(model="m", hook="h", layer=1, architecture="topk",
+                                config=train_mod.recorded_config(cfg), output_dir=str(tmp_path / "alive"))
+    with open_dict(cfg):
+        cfg.resume = done
+    with pytest.raises(train_mod.ConfigError, match=f"run {done} is already completed"):
+        train_mod.resumed_config(cfg)
+    with open_dict(cfg):
+        cfg.resume = 99
+    with pytest.raises(train_mod.UnknownRunError, match="no run with id 99"):
+        train_mod.resumed_config(cfg)
+
+    with open_dict(cfg):
+        cfg.resume = alive
+    resumed, folder = train_mod.resumed_config(cfg)
+    holder = train_mod.RunLock(folder)  # as the process that is still training holds it
+    assert holder.acquire()
+    try:
+        with pytest.raises(train_mod.ConfigError, match="is in use by another training process"):
+            train(resumed, folder)
+    finally:
+        holder.release()
+    with Store(url) as store:
+        assert store.get_run(alive)["status"] == "running"  # refused before anything was touched
