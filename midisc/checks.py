@@ -170,6 +170,8 @@ def shapes(t: Target) -> str:
     cfg, w = t.cfg, t.weights
     d_in, d_sae = cfg.get("d_in"), cfg.get("d_sae")
     expected = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,)}
+    if cfg.get("architecture") == "jumprelu":  # JumpReLU, and BatchTopK saved as one: a threshold per feature
+        expected["threshold"] = (d_sae,)
     if set(w) != set(expected):
         raise Failure(f"weights hold {sorted(w)}, expected {sorted(expected)}")
     for name, shape in expected.items():

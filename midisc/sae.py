@@ -183,6 +183,10 @@ class SparseAutoencoder(nn.Module):
         return {name: getattr(self, name).detach().to("cpu", torch.float32).contiguous()
                 for name in ("W_enc", "W_dec", "b_enc", "b_dec")}
 
+    def load_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """The inverse of cpu_tensors: set every parameter from tensors under their SAELens names."""
+        self.load_state_dict(tensors, strict=True)
+
 
 class ReluSAE(SparseAutoencoder):
     """ReLU codes with an L1 penalty on decoder-norm-weighted codes (Anthropic, April 2024)."""
@@ -293,8 +297,9 @@ class TopKSAE(SparseAutoencoder):
         return {**super().cfg_dict(metadata), "k": self.k, "rescale_acts_by_decoder_norm": False}
 
 
-# Explicit rather than filled in by subclass side effects: the classes cfg.json may name.
-ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {cls.architecture: cls for cls in (ReluSAE, TopKSAE)}
+# The architectures cfg.json may name. JumpReLU (and BatchTopK, which SAELens saves as JumpReLU) lives in
+# sae_jump.py, which builds on this module, so load_sae imports it only when a folder needs it.
+SAVED_ARCHITECTURES = ("standard", "topk", "jumprelu")
 
 # cfg.json settings that would change the maths; we implement only these values, so refuse others
 # instead of silently computing something different from SAELens. Missing keys mean the default.
@@ -318,9 +323,9 @@ def load_sae(folder: str | Path, device: str = "cpu") -> SparseAutoencoder:
     cfg = json.loads(cfg_path.read_text())
 
     arch = cfg.get("architecture")
-    if arch not in ARCHITECTURES:
+    if arch not in SAVED_ARCHITECTURES:
         raise ValueError(
-            f"unknown SAE architecture {arch!r} in {cfg_path}; valid: {', '.join(map(repr, ARCHITECTURES))}"
+            f"unknown SAE architecture {arch!r} in {cfg_path}; valid: {', '.join(map(repr, SAVED_ARCHITECTURES))}"
         )
     for key, supported in _SUPPORTED_CFG.items():
         if cfg.get(key, supported) != supported:
@@ -334,12 +339,16 @@ def load_sae(folder: str | Path, device: str = "cpu") -> SparseAutoencoder:
     expansion = max(1, d_sae // d_in)
     if arch == "topk":
         sae: SparseAutoencoder = TopKSAE(d_in, expansion, k=int(cfg["k"]), d_sae=d_sae)
-    else:
+    elif arch == "standard":
         l1_coef = float((cfg.get("metadata") or {}).get("l1_coefficient", 0.0))
         sae = ReluSAE(d_in, expansion, l1_coef=l1_coef, d_sae=d_sae)
+    else:  # jumprelu: everything inference needs (the thresholds) comes with the weights
+        from midisc.sae_jump import JumpReLUSAE
+
+        sae = JumpReLUSAE(d_in, expansion, d_sae=d_sae)
 
     state = {name: t.to(torch.float32) for name, t in load_file(str(weights_path)).items()}
-    sae.load_state_dict(state, strict=True)
+    sae.load_tensors(state)
     return sae.to(device).eval()
 
 

@@ -126,7 +126,7 @@ def set_name(pub: Publication) -> str:
     if pub.set_name:
         return slug(pub.set_name).replace("__", "_")
     sae = pub.sae
-    arch = f"topk{sae.k}" if hasattr(sae, "k") else sae.architecture
+    arch = f"{sae.architecture}{sae.k}" if hasattr(sae, "k") else sae.architecture  # topk32, batchtopk32
     run = f"-r{pub.run_id}" if pub.run_id is not None else ""
     return slug(f"{pub.site}-midisc-{arch}-{sae.d_sae}{run}").replace("__", "_")
 
