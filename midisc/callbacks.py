@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -13,15 +14,18 @@ import torch
 from tqdm.auto import tqdm
 
 from midisc.activations import ContextChunk
+from midisc.evaluation import EVAL_TYPE, core_report, headline, reconstruction
 from midisc.export import PROBE_FILENAME, FeatureTable, Publication, Written, add_profiles, write_all, write_probe
 from midisc.features import FeatureAnalysis, analyze, example_rows
 from midisc.metrics import evaluate
 from midisc.sae import WEIGHTS_FILENAME
+from midisc.splice import splice_totals
 from midisc.store import Store
 
 
 # The per-step metrics written to the run folder's curve file, for `verify --visualize`.
 CURVES_FILENAME = "curves.csv"
+EVALUATION_FILENAME = "evaluation_core.json"  # the same file `python -m midisc.evaluate` writes
 CURVE_METRICS = ("train/loss", "train/mse", "train/fvu", "train/l0", "train/l1", "sparsity/dead_frac", "train/lr")
 
 
@@ -106,6 +110,38 @@ class RunRecorder(L.Callback):
                         "analysed_tokens": float(self.analysis.stats.n_tokens)}
 
 
+class Evaluator(L.Callback):
+    """After the recorder: SAEBench's core evaluation over the held-out vectors, with the first `n_contexts`
+    held-out contexts run through the model with the SAE spliced in. Stored, written to the run folder, and
+    its headline (CE loss recovered, KL score) added to the run's final metrics."""
+
+    def __init__(self, store: Store | None, recorder: RunRecorder, output_dir: Path, model: torch.nn.Module,
+                 module: torch.nn.Module, special_ids: Sequence[int], outlier_factor: float | None,
+                 n_contexts: int, config: dict) -> None:
+        self.store, self.recorder, self.output_dir = store, recorder, Path(output_dir)
+        self.model, self.module, self.special_ids, self.outlier_factor = model, module, special_ids, outlier_factor
+        self.n_contexts = n_contexts
+        self.config = config
+        self.report: dict | None = None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.n_contexts == 0:
+            return
+        sae = pl_module.sae
+        contexts = torch.cat([chunk.tokens for chunk in self.recorder.heldout])[: self.n_contexts]
+        totals = splice_totals(self.model, self.module, sae, contexts.split(8), special_ids=self.special_ids,
+                               outlier_factor=self.outlier_factor,
+                               progress="spliced forwards" if trainer.progress_bar_callback else None)
+        recon = reconstruction(sae, [chunk.acts for chunk in self.recorder.heldout])
+        self.report = core_report(recon, totals.scores(), totals.tokens,
+                                  {**self.config, "n_contexts_spliced": len(contexts)})
+        (self.output_dir / EVALUATION_FILENAME).write_text(json.dumps(self.report, indent=2, allow_nan=False))
+        if self.store is not None:
+            self.store.add_evaluation(self.recorder.run_id, EVAL_TYPE, totals.tokens, self.report)
+        scores = headline(self.report)
+        self.recorder.metrics.update({k: scores[k] for k in ("ce_loss_score", "kl_div_score") if scores[k] is not None})
+
+
 class Publisher(L.Callback):
     """After the recorder: writes the SAELens folder, the Neuronpedia package and dashboard files, and
     records the saved SAE (path, shapes, checksum) in the store."""
@@ -135,6 +171,7 @@ class Publisher(L.Callback):
                                  features_per_batch=self.options["features_per_batch"])
         if self.store is not None:
             sae = pl_module.sae
+            # The architecture of the saved files: BatchTopK is saved as JumpReLU, as SAELens saves it.
             self.store.add_sae_model(self.recorder.run_id, path=str(self.written.saelens), d_in=sae.d_in,
-                                     d_sae=sae.d_sae, architecture=sae.architecture,
+                                     d_sae=sae.d_sae, architecture=getattr(sae, "saved_architecture", sae.architecture),
                                      checksum=sha256(self.written.saelens / WEIGHTS_FILENAME))

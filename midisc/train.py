@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 from midisc import corpus, lm
 from midisc.activation_cache import CacheError, SharedCache, cache_bytes
 from midisc.activations import ActivationStream, ContextChunk, MemoryCache, harvest, harvest_contexts, keep_mask
-from midisc.callbacks import CURVES_FILENAME, Publisher, RunRecorder
+from midisc.callbacks import CURVES_FILENAME, Evaluator, Publisher, RunRecorder
 from midisc.checkpoints import (CHECKPOINT_DIR, Checkpointer, RunLock, checkpoint_step, last_checkpoint,
                                 trainer_position, trim_curves)
 from midisc.corpus import CorpusError
@@ -274,8 +274,14 @@ def _train(cfg: DictConfig, output_dir: Path, store: Store | None, run_id: int |
     elif cfg.resume is not None:
         (output_dir / CURVES_FILENAME).unlink(missing_ok=True)
         log.info(f"run {run_id} saved no checkpoint before it stopped; training it again from the start")
-    # In this order: the publisher reads the recorder's results, and an epoch's row is written before its checkpoint.
-    callbacks: list[L.Callback] = [recorder, checkpointer, publisher]
+    _, special = lm.special_token_ids(loaded.tokenizer, cfg.model.separator)
+    evaluator = Evaluator(store, recorder, output_dir, loaded.model, dict(loaded.model.named_modules())[hook], special,
+                          cfg.activations.outlier_factor, cfg.evaluate.contexts,
+                          {"model_name": cfg.model.name, "hook_name": hook, "context_size": cfg.context_size,
+                           "dataset": "held-out texts of the run", "exclude_special_tokens_from_reconstruction": True})
+    # In this order: the evaluator and publisher read the recorder's results, the publisher the evaluator's
+    # headline, and an epoch's row is written before its checkpoint.
+    callbacks: list[L.Callback] = [recorder, evaluator, checkpointer, publisher]
     if cfg.trainer.enable_progress_bar:
         callbacks.append(TQDMProgressBar())  # Rich's bar draws nothing when output is not a terminal (CI, logs)
     trainer = instantiate(cfg.trainer, default_root_dir=str(output_dir), logger=make_loggers(cfg, output_dir) or False,
@@ -305,6 +311,8 @@ def summary(result: Result, db_url: str | None) -> str:
              f"  held-out:   MSE {m['mse']:.4g}  FVU {m['fvu']:.3f}  L0 {m['l0']:.1f}  "
              f"dead {100 * m['dead_frac']:.1f}% ({int(m['alive_features'])} features alive)",
              f"  trained on: {int(m['n_tokens']):,} activation vectors per epoch",
+             *([f"  spliced in:  CE loss recovered {m['ce_loss_score']:.3f}  KL score {m['kl_div_score']:.3f} "
+                "(SAEBench core, evaluation_core.json)"] if "ce_loss_score" in m and "kl_div_score" in m else []),
              "  features by firing frequency (held-out): "
              + "  ".join(f"{name} {count}" for name, count in result.frequency_bins.items())]
     if result.run_id is not None:

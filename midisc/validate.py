@@ -127,7 +127,8 @@ def check_config(cfg: DictConfig) -> None:
                      ("dead_window", 1), ("activations.buffer_size", 1), ("activations.lm_batch_size", 1),
                      ("data.holdout_texts", 1), ("sae.expansion", 1), ("export.features_per_batch", 1),
                      ("export.output_tokens", 1), ("analysis.n_top", 1), ("analysis.n_quantile", 0),
-                     ("analysis.before", 0), ("analysis.after", 0), ("checkpoint_every", 1)]:
+                     ("analysis.before", 0), ("analysis.after", 0), ("checkpoint_every", 1),
+                     ("evaluate.contexts", 0)]:
         _int(cfg, key, low)
     if _get(cfg, "resume") is not None:
         _int(cfg, "resume", 1)
@@ -136,6 +137,11 @@ def check_config(cfg: DictConfig) -> None:
         _int(cfg, "sae.k", 1)
     if "l1_coef" in cfg.sae:
         _number(cfg, "sae.l1_coef", 0.0)
+    if "l0_coef" in cfg.sae:  # JumpReLU
+        _number(cfg, "sae.l0_coef", 0.0)
+    for key in ("bandwidth", "init_threshold", "threshold_lr"):  # JumpReLU, BatchTopK
+        if key in cfg.sae:
+            _number(cfg, f"sae.{key}", 0.0, strict=True)
     _check_optimizer(cfg)
     _choice(cfg, "activations.cache", ("memory", "disk", "auto"))
     _choice(cfg, "activations.dtype", tuple(STORE_DTYPES))

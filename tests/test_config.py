@@ -88,6 +88,8 @@ def test_seed_phi2_experiment_reproduces_the_research_setting():
     ("checkpoint_every=0", "checkpoint_every=0 is too small; it must be >= 1"),
     ("resume=abc", "resume must be an integer >= 1, got 'abc'"),
     ("activations.cache_max_gb=0", "activations.cache_max_gb must be a number > 0.0, got 0"),
+    ("sae=jumprelu sae.bandwidth=0", "sae.bandwidth must be a number > 0.0, got 0"),
+    ("sae=jumprelu sae.l0_coef=-1", "sae.l0_coef must be a number >= 0.0, got -1"),
     ("activations.cache=s3", "activations.cache='s3' is not valid; choose one of: memory, disk, auto"),
     ("activations.outlier_factor=0.5", "activations.outlier_factor must be a number > 1.0"),
     ("model.dtype=int8", "model.dtype='int8' is not valid"),

@@ -24,11 +24,13 @@ from midisc.store.schema import (
     schema_differences,
 )
 
-# What revision 0002 adds; a database at 0001 differs from the models in exactly these.
-CHANGES_OF_0002 = {
+# What revisions 0002 and 0003 add; a database at 0001 differs from the models in exactly these.
+CHANGES_AFTER_0001 = {
     "add_column training_runs.sweep_id",
     "add_column training_runs.overrides",
     "add_index training_runs_sweep_id on training_runs",
+    "add_table evaluations",
+    "add_index ix_evaluations_run_id on evaluations",
 }
 
 
@@ -85,10 +87,10 @@ def test_empty_database_is_built_at_head_matching_the_models(db_url, capsys) -> 
     assert capsys.readouterr().err == ""
 
 
-def test_revision_0001_is_the_models_without_0002(db_url) -> None:
+def test_revision_0001_is_the_models_without_the_later_revisions(db_url) -> None:
     migrate_to(db_url, "0001")
     engine = create_engine(db_url)
-    assert set(schema_differences(engine)) == CHANGES_OF_0002
+    assert set(schema_differences(engine)) == CHANGES_AFTER_0001
     engine.dispose()
 
 
@@ -130,7 +132,7 @@ def test_database_at_an_older_revision_is_upgraded_with_one_line(db_url, capsys)
 def test_database_from_a_newer_midisc_is_refused(db_url) -> None:
     Store(db_url).close()
     execute(db_url, "UPDATE alembic_version SET version_num = '0099'")
-    with pytest.raises(StoreError, match=r"revision 0099, .*newest is 0002\): upgrade midisc$") as caught:
+    with pytest.raises(StoreError, match=r"revision 0099, .*newest is 0003\): upgrade midisc$") as caught:
         Store(db_url)
     assert "\n" not in str(caught.value)
 

@@ -42,6 +42,12 @@ def check_recorded(url, result, epochs=2):
     assert [e["feature_index"] for e in best] == [f["feature_index"] for f in features if f["frequency"] > 0]
     (model,) = store.sae_models(result.run_id)
     assert model["checksum"] == sha256(Path(model["path"]) / WEIGHTS_FILENAME)
+    # Evaluated at the end: SAEBench's groups in the database and the run folder, the headline in the metrics.
+    (evaluation,) = store.evaluations(result.run_id)
+    assert evaluation["eval_type"] == "core" and evaluation["tokens"] > 0
+    assert evaluation["result"]["midisc"]["fvu"] == pytest.approx(result.metrics["fvu"])
+    assert json.loads((result.output_dir / "evaluation_core.json").read_text()) == evaluation["result"]
+    assert "kl_div_score" in result.metrics
     store.close()
     # Published at the end of training: SAELens folder, Neuronpedia package and dashboards, probe, curve.
     out = result.output_dir

@@ -29,7 +29,7 @@ PENDING_FILENAME = "pending_db_writes.jsonl"
 # write the database rejects, which is a bug and must stay loud.
 OUTAGE_ERRORS = (OperationalError, InterfaceError)
 WRITES = frozenset({"reopen_run", "update_run", "finish_run", "add_epoch_metrics", "add_features",
-                    "add_feature_examples", "add_sae_model"})
+                    "add_feature_examples", "add_sae_model", "add_evaluation"})
 
 
 def _warn(message: str) -> None:

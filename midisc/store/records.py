@@ -20,6 +20,7 @@ from midisc.store.tables import (
     Base,
     DiscoveredFeature,
     EpochMetric,
+    Evaluation,
     SAEModel,
     TrainingRun,
     as_dict,
@@ -244,6 +245,17 @@ class Store(FindingsMixin):
             session.flush()
             return row.id
 
+    def add_evaluation(self, run_id: int, eval_type: str, tokens: int, result: dict) -> int:
+        """Record one evaluation of the run's SAE; an evaluation of the same type replaces the earlier one."""
+        clean = finite_json(result, "evaluation")
+        with self._sessions.begin() as session:
+            self._run(session, run_id)
+            session.execute(delete(Evaluation).where(Evaluation.run_id == run_id, Evaluation.eval_type == eval_type))
+            row = Evaluation(run_id=run_id, eval_type=eval_type, tokens=tokens, result=clean, created_at=utc_now())
+            session.add(row)
+            session.flush()
+            return row.id
+
     # ----- reads --------------------------------------------------------------------------------
 
     def get_run(self, run_id: int) -> dict[str, Any]:
@@ -297,6 +309,10 @@ class Store(FindingsMixin):
     def features(self, run_id: int) -> list[dict[str, Any]]:
         """The run's per-feature statistics, by feature_index."""
         return self._children(DiscoveredFeature, run_id, DiscoveredFeature.feature_index)
+
+    def evaluations(self, run_id: int) -> list[dict[str, Any]]:
+        """The run's evaluations, oldest first."""
+        return self._children(Evaluation, run_id, Evaluation.id)
 
     def sae_models(self, run_id: int) -> list[dict[str, Any]]:
         """The run's saved checkpoints, oldest first."""

@@ -205,3 +205,16 @@ class ConceptScore(Base):
     n_concept: Mapped[int] = mapped_column(Integer)
     n_contrast: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(default=utc_now)
+
+
+class Evaluation(Base):
+    """One evaluation of a run's SAE (eval_type "core": SAEBench's core metrics), the whole result as JSON."""
+
+    __tablename__ = "evaluations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("training_runs.id", ondelete="CASCADE"), index=True)
+    eval_type: Mapped[str] = mapped_column(String(64))
+    tokens: Mapped[int] = mapped_column(Integer)  # tokens whose next-token loss was measured with the SAE spliced in
+    result: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(default=utc_now)
