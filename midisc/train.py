@@ -311,7 +311,7 @@ def summary(result: Result, db_url: str | None) -> str:
              f"  held-out:   MSE {m['mse']:.4g}  FVU {m['fvu']:.3f}  L0 {m['l0']:.1f}  "
              f"dead {100 * m['dead_frac']:.1f}% ({int(m['alive_features'])} features alive)",
              f"  trained on: {int(m['n_tokens']):,} activation vectors per epoch",
-             *([f"  spliced in:  CE loss recovered {m['ce_loss_score']:.3f}  KL score {m['kl_div_score']:.3f} "
+             *([f"  spliced in: CE loss recovered {m['ce_loss_score']:.3f}  KL score {m['kl_div_score']:.3f} "
                 "(SAEBench core, evaluation_core.json)"] if "ce_loss_score" in m and "kl_div_score" in m else []),
              "  features by firing frequency (held-out): "
              + "  ".join(f"{name} {count}" for name, count in result.frequency_bins.items())]
