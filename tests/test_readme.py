@@ -11,7 +11,7 @@ from conftest import REPO, run_cli
 from midisc.store import Store
 
 SHRINK = ["max_samples=12", "data.holdout_texts=2", "epochs=1", "batch_size=256", "activations.buffer_size=1024",
-          "trainer.enable_progress_bar=false"]
+          "evaluate.contexts=2", "trainer.enable_progress_bar=false"]
 
 
 def bash_blocks() -> list[str]:
