@@ -249,11 +249,12 @@ def _fit(cfg: DictConfig, output_dir: Path, store: Store | None, run_id: int | N
         stream = ActivationStream(lambda: harvest(loaded.model, module, train_ctx, **options), cache,
                                   batch_size=cfg.batch_size, buffer_size=acts.buffer_size, expected_rows=expected,
                                   seed=cfg.seed)
-        return _train(cfg, output_dir, store, run_id, hook, loaded, stream, heldout_chunks)
+        return _train(cfg, output_dir, store, run_id, hook, loaded, module, special, stream, heldout_chunks)
 
 
 def _train(cfg: DictConfig, output_dir: Path, store: Store | None, run_id: int | None, hook: str,
-           loaded: lm.LoadedModel, stream: ActivationStream, heldout_chunks: list[ContextChunk]) -> Result:
+           loaded: lm.LoadedModel, module: torch.nn.Module, special: list[int], stream: ActivationStream,
+           heldout_chunks: list[ContextChunk]) -> Result:
     heldout = torch.cat([chunk.acts for chunk in heldout_chunks])
     sae = build_sae(cfg, d_in=heldout.shape[1])
     if store:
@@ -274,8 +275,7 @@ def _train(cfg: DictConfig, output_dir: Path, store: Store | None, run_id: int |
     elif cfg.resume is not None:
         (output_dir / CURVES_FILENAME).unlink(missing_ok=True)
         log.info(f"run {run_id} saved no checkpoint before it stopped; training it again from the start")
-    _, special = lm.special_token_ids(loaded.tokenizer, cfg.model.separator)
-    evaluator = Evaluator(store, recorder, output_dir, loaded.model, dict(loaded.model.named_modules())[hook], special,
+    evaluator = Evaluator(store, recorder, output_dir, loaded.model, module, special,
                           cfg.activations.outlier_factor, cfg.evaluate.contexts,
                           {"model_name": cfg.model.name, "hook_name": hook, "context_size": cfg.context_size,
                            "dataset": "held-out texts of the run", "exclude_special_tokens_from_reconstruction": True})
