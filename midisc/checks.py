@@ -172,6 +172,9 @@ def shapes(t: Target) -> str:
     expected = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,)}
     if cfg.get("architecture") == "jumprelu":  # JumpReLU, and BatchTopK saved as one: a threshold per feature
         expected["threshold"] = (d_sae,)
+    if cfg.get("architecture") == "gated":  # no b_enc: a gate bias and a magnitude path sharing W_enc
+        del expected["b_enc"]
+        expected.update(b_gate=(d_sae,), r_mag=(d_sae,), b_mag=(d_sae,))
     if set(w) != set(expected):
         raise Failure(f"weights hold {sorted(w)}, expected {sorted(expected)}")
     for name, shape in expected.items():

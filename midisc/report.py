@@ -65,7 +65,7 @@ def quality_notes(run: dict[str, Any], features: list[dict[str, Any]]) -> list[s
         else:
             notes.append(f"{100 * dead:.1f}% of features are dead, within the usual range")
     d_in = run.get("d_in")
-    if l0 is not None and d_in and run["architecture"] == "standard" and l0 > d_in / 4:
+    if l0 is not None and d_in and run["architecture"] in ("standard", "gated") and l0 > d_in / 4:
         notes.append(f"L0 {l0:.0f} is high for a sparse code of a {d_in}-dimensional input: raise sae.l1_coef")
     if features:
         n = len(features)

@@ -37,6 +37,7 @@ class Output:
     loss: Tensor  # scalar the optimizer minimises
     mse: Tensor  # scalar, mean over all elements of (x_hat - x) ** 2
     l1: Tensor  # scalar, mean over batch of sum_i codes_i * ||W_dec_i||, reported for every arch
+    aux: Tensor | None = None  # scalar auxiliary loss, already in `loss`: AuxK (TopK, BatchTopK), the gate's (Gated)
 
 
 def _is_int(value: Any) -> bool:
@@ -91,18 +92,21 @@ class SparseAutoencoder(nn.Module):
         """Reconstruction [.., d_in]. The only product with W_dec, so a sparse decoder can replace it here."""
         return codes @ self.W_dec + self.b_dec
 
-    def objective(self, mse: Tensor, l1: Tensor) -> Tensor:
-        """The scalar to minimise, from the two reported terms."""
+    def objective(self, mse: Tensor, l1: Tensor, sparsity_scale: float = 1.0) -> Tensor:
+        """The scalar to minimise, from the two reported terms; sparsity_scale multiplies the penalty's coefficient."""
         raise NotImplementedError(f"{type(self).__name__} must define objective()")
 
-    def forward(self, x: Tensor) -> Output:
+    def forward(self, x: Tensor, *, sparsity_scale: float = 1.0, dead: Tensor | None = None) -> Output:
+        """One pass over x [.., d_in]. Training passes two extras every architecture accepts:
+        sparsity_scale (0..1, the warm-up of an L1/L0 coefficient; architectures without one ignore it) and
+        dead [d_sae] bool (features that have not fired lately, for AuxK; the others ignore it)."""
         codes = self.encode(x)
         x_hat = self.decode(codes)
         mse = (x_hat - x.to(x_hat.dtype)).pow(2).mean()
         # Weighting each code by its decoder norm makes the penalty blind to the trivial trade of a
         # small code against a long decoder row (Anthropic, April 2024 update).
         l1 = (codes * self.W_dec.norm(dim=1)).sum(dim=-1).mean()
-        return Output(x_hat=x_hat, codes=codes, loss=self.objective(mse, l1), mse=mse, l1=l1)
+        return Output(x_hat=x_hat, codes=codes, loss=self.objective(mse, l1, sparsity_scale), mse=mse, l1=l1)
 
     # --- training helpers ------------------------------------------------------------------
     @torch.no_grad()
@@ -212,8 +216,8 @@ class ReluSAE(SparseAutoencoder):
     def encode(self, x: Tensor) -> Tensor:
         return torch.relu(self.pre_acts(x))
 
-    def objective(self, mse: Tensor, l1: Tensor) -> Tensor:
-        return mse + self.l1_coef * l1
+    def objective(self, mse: Tensor, l1: Tensor, sparsity_scale: float = 1.0) -> Tensor:
+        return mse + sparsity_scale * self.l1_coef * l1
 
     def hparams(self) -> dict[str, Any]:
         return {**super().hparams(), "l1_coef": self.l1_coef}
@@ -235,10 +239,13 @@ class TopKSAE(SparseAutoencoder):
         expansion: int = 8,
         *,
         k: int = 32,
+        aux_k_coef: float = 1 / 32,
+        aux_k: int | None = None,
         d_sae: int | None = None,
         seed: int | None = None,
     ) -> None:
         super().__init__(d_in, expansion, d_sae=d_sae, seed=seed)
+        self.aux_k_coef, self.aux_k = check_auxk(aux_k_coef, aux_k, d_in, self.d_sae)
         if not _is_int(k):
             raise ValueError(f"k must be an integer, got {k!r}; choose 1 <= k <= {self.d_sae}")
         if k < 1:
@@ -258,15 +265,15 @@ class TopKSAE(SparseAutoencoder):
         top = pre.topk(self.k, dim=-1)
         return torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
 
-    def objective(self, mse: Tensor, l1: Tensor) -> Tensor:
+    def objective(self, mse: Tensor, l1: Tensor, sparsity_scale: float = 1.0) -> Tensor:
         return mse
 
-    def forward(self, x: Tensor) -> Output:
+    def forward(self, x: Tensor, *, sparsity_scale: float = 1.0, dead: Tensor | None = None) -> Output:
         if not (torch.is_grad_enabled() and self.W_dec.requires_grad):
             return super().forward(x)  # inference: the dense sums SAELens computes, bit for bit
-        return self._sparse_forward(x)
+        return self._sparse_forward(x, dead)
 
-    def _sparse_forward(self, x: Tensor) -> Output:
+    def _sparse_forward(self, x: Tensor, dead: Tensor | None = None) -> Output:
         """The training pass, with the same value and gradients as the dense one for a fraction of the work.
 
         Dense, a step costs six [B, d_in] x [d_in, d_sae] products: encoder, decoder, and two gradients
@@ -283,23 +290,53 @@ class TopKSAE(SparseAutoencoder):
         x_hat = nn.functional.embedding_bag(top.indices, self.W_dec, per_sample_weights=values, mode="sum")
         x_hat = x_hat + self.b_dec
         mse = (x_hat - flat).pow(2).mean()
+        aux = auxk_loss(pre, flat - x_hat, self.W_dec, dead, self.aux_k) if self.aux_k_coef else None
         with torch.no_grad():  # reported, not trained on: TopK's objective is the MSE alone
             codes = torch.zeros_like(pre).scatter(-1, top.indices, values)
             l1 = (values * self.W_dec.norm(dim=1)[top.indices]).sum(dim=-1).mean()
         shape = x.shape[:-1]
+        loss = mse if aux is None else mse + self.aux_k_coef * aux
         return Output(x_hat=x_hat.reshape(*shape, self.d_in), codes=codes.reshape(*shape, self.d_sae),
-                      loss=mse, mse=mse, l1=l1)
+                      loss=loss, mse=mse, l1=l1, aux=aux)
 
     def hparams(self) -> dict[str, Any]:
-        return {**super().hparams(), "k": self.k}
+        return {**super().hparams(), "k": self.k, "aux_k_coef": self.aux_k_coef, "aux_k": self.aux_k}
 
     def cfg_dict(self, metadata: dict | None = None) -> dict[str, Any]:
         return {**super().cfg_dict(metadata), "k": self.k, "rescale_acts_by_decoder_norm": False}
 
 
+def check_auxk(coef: Any, aux_k: Any, d_in: int, d_sae: int) -> tuple[float, int]:
+    """Validated (aux_k_coef, aux_k); aux_k defaults to d_in // 2, as Gao et al. (2024) and sparsify use."""
+    if not isinstance(coef, (int, float)) or isinstance(coef, bool) or not math.isfinite(coef) or coef < 0:
+        raise ValueError(f"aux_k_coef must be a finite number >= 0 (0 turns AuxK off), got {coef!r}")
+    if aux_k is None:
+        aux_k = max(1, d_in // 2)
+    if not _is_int(aux_k) or not 1 <= aux_k <= d_sae:
+        raise ValueError(f"aux_k={aux_k!r} must be an integer 1 <= aux_k <= {d_sae} (the SAE width), or null")
+    return float(coef), aux_k
+
+
+def auxk_loss(pre: Tensor, residual: Tensor, W_dec: Tensor, dead: Tensor | None, aux_k: int) -> Tensor | None:
+    """AuxK (Gao et al. 2024, appendix A.2): the aux_k largest pre-activations [B, d_sae] among dead features
+    reconstruct the main reconstruction's error residual [B, d_in], so dead features get a gradient that
+    points them at what the live ones miss. Mean squared error over elements, like the main MSE, scaled down
+    when fewer than aux_k features are dead (as sparsify does); None when no feature is dead."""
+    if dead is None:
+        return None
+    n_dead = int(dead.sum())
+    if n_dead == 0:
+        return None
+    k = min(aux_k, n_dead)
+    top = torch.where(dead, pre, pre.new_tensor(-math.inf)).topk(k, dim=-1, sorted=False)
+    e_hat = nn.functional.embedding_bag(top.indices, W_dec, per_sample_weights=torch.relu(top.values), mode="sum")
+    return min(n_dead / aux_k, 1.0) * (e_hat - residual.detach()).pow(2).mean()
+
+
 # The architectures cfg.json may name. JumpReLU (and BatchTopK, which SAELens saves as JumpReLU) lives in
-# sae_jump.py, which builds on this module, so load_sae imports it only when a folder needs it.
-SAVED_ARCHITECTURES = ("standard", "topk", "jumprelu")
+# sae_jump.py and Gated in sae_gated.py, which build on this module, so load_sae imports them only when a
+# folder needs them.
+SAVED_ARCHITECTURES = ("standard", "topk", "jumprelu", "gated")
 
 # cfg.json settings that would change the maths; we implement only these values, so refuse others
 # instead of silently computing something different from SAELens. Missing keys mean the default.
@@ -342,6 +379,11 @@ def load_sae(folder: str | Path, device: str = "cpu") -> SparseAutoencoder:
     elif arch == "standard":
         l1_coef = float((cfg.get("metadata") or {}).get("l1_coefficient", 0.0))
         sae = ReluSAE(d_in, expansion, l1_coef=l1_coef, d_sae=d_sae)
+    elif arch == "gated":
+        from midisc.sae_gated import GatedSAE
+
+        l1_coef = float((cfg.get("metadata") or {}).get("l1_coefficient", 0.0))
+        sae = GatedSAE(d_in, expansion, l1_coef=l1_coef, d_sae=d_sae)
     else:  # jumprelu: everything inference needs (the thresholds) comes with the weights
         from midisc.sae_jump import JumpReLUSAE
 

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from midisc.sae import Output, SparseAutoencoder, _is_int
+from midisc.sae import Output, SparseAutoencoder, _is_int, auxk_loss, check_auxk
 
 
 def _positive_number(name: str, value: Any) -> float:
@@ -126,11 +126,11 @@ class JumpReLUSAE(SparseAutoencoder):
     def encode(self, x: Tensor) -> Tensor:
         return _JumpReLU.apply(self.pre_acts(x), self.threshold, self.bandwidth)
 
-    def forward(self, x: Tensor) -> Output:
+    def forward(self, x: Tensor, *, sparsity_scale: float = 1.0, dead: Tensor | None = None) -> Output:
         pre, threshold = self.pre_acts(x), self.threshold
         codes = _JumpReLU.apply(pre, threshold, self.bandwidth)
         l0 = _Step.apply(pre, threshold, self.bandwidth).sum(dim=-1).mean()
-        return _output(self, x, codes, self.l0_coef * l0)
+        return _output(self, x, codes, sparsity_scale * self.l0_coef * l0)
 
     @torch.no_grad()
     def fold_input_scale(self, scale: float) -> None:
@@ -174,10 +174,13 @@ class BatchTopKSAE(SparseAutoencoder):
         *,
         k: int = 32,
         threshold_lr: float = 0.01,
+        aux_k_coef: float = 1 / 32,
+        aux_k: int | None = None,
         d_sae: int | None = None,
         seed: int | None = None,
     ) -> None:
         super().__init__(d_in, expansion, d_sae=d_sae, seed=seed)
+        self.aux_k_coef, self.aux_k = check_auxk(aux_k_coef, aux_k, d_in, self.d_sae)
         if not _is_int(k) or not 1 <= k <= self.d_sae:
             raise ValueError(f"k={k!r} is not valid for an SAE of width {self.d_sae}; choose an integer "
                              f"1 <= k <= {self.d_sae}")
@@ -207,7 +210,7 @@ class BatchTopKSAE(SparseAutoencoder):
         pre = self.pre_acts(x)
         return pre * (pre > self.threshold)  # threshold >= 0, so this is ReLU then the jump
 
-    def forward(self, x: Tensor) -> Output:
+    def forward(self, x: Tensor, *, sparsity_scale: float = 1.0, dead: Tensor | None = None) -> Output:
         # Batch selection only when a gradient is wanted (TopKSAE's test): validation and analysis run without
         # one and see each token alone. Not self.training: Lightning keeps an SAE handed over in eval mode so.
         if not (torch.is_grad_enabled() and self.W_dec.requires_grad):
@@ -215,7 +218,14 @@ class BatchTopKSAE(SparseAutoencoder):
         pre = self.pre_acts(x).reshape(-1, self.d_sae)
         codes = self.batch_topk(pre)
         self._update_threshold(codes)
-        return _output(self, x, codes.reshape(*x.shape[:-1], self.d_sae))
+        out = _output(self, x, codes.reshape(*x.shape[:-1], self.d_sae))
+        if not self.aux_k_coef:
+            return out
+        residual = (x.to(out.x_hat.dtype) - out.x_hat).reshape(pre.shape[0], self.d_in)
+        aux = auxk_loss(pre, residual, self.W_dec, dead, self.aux_k)
+        if aux is not None:
+            out.loss, out.aux = out.loss + self.aux_k_coef * aux, aux
+        return out
 
     @torch.no_grad()
     def _update_threshold(self, codes: Tensor) -> None:
@@ -234,7 +244,8 @@ class BatchTopKSAE(SparseAutoencoder):
         self.running_threshold.div_(scale)
 
     def hparams(self) -> dict[str, Any]:
-        return {**super().hparams(), "k": self.k, "threshold_lr": self.threshold_lr}
+        return {**super().hparams(), "k": self.k, "threshold_lr": self.threshold_lr, "aux_k_coef": self.aux_k_coef,
+                "aux_k": self.aux_k}
 
     def cfg_dict(self, metadata: dict | None = None) -> dict[str, Any]:
         # SAELens drops keys its JumpReLU config lacks, so "k" may stay for midisc's own checks.

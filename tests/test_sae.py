@@ -281,8 +281,8 @@ def test_unknown_b_dec_method():
 def test_unknown_architecture_in_cfg(tmp_path):
     folder = make("topk").save(tmp_path)
     cfg = json.loads((folder / "cfg.json").read_text())
-    (folder / "cfg.json").write_text(json.dumps({**cfg, "architecture": "gated"}))
-    with pytest.raises(ValueError, match="'gated'.*'standard', 'topk', 'jumprelu'"):
+    (folder / "cfg.json").write_text(json.dumps({**cfg, "architecture": "matryoshka"}))
+    with pytest.raises(ValueError, match="'matryoshka'.*'standard', 'topk', 'jumprelu', 'gated'"):
         load_sae(folder)
 
 

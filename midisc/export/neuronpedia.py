@@ -4,7 +4,7 @@
     decoder_weights.npy         float32 [d_sae, d_in], one feature direction per row
     feature_analysis.json       per feature: frequency, log10 density, mean/max activation, dead flag,
                                 and the output tokens it promotes and suppresses most
-    sae_model.pt                {"cfg": SAELens cfg dict, "state_dict": W_enc, W_dec, b_enc, b_dec}
+    sae_model.pt                {"cfg": SAELens cfg dict, "state_dict": the tensors of sae_weights.safetensors}
 """
 
 from __future__ import annotations
