@@ -77,6 +77,20 @@ def harvest(model, module, contexts: torch.Tensor, **kwargs) -> Iterator[torch.T
         yield chunk.acts
 
 
+def take_rows(chunks: Iterable[torch.Tensor], limit: int | None) -> Iterator[torch.Tensor]:
+    """The first `limit` rows of chunks [n, d] (all of them when limit is None); stops pulling once it has them,
+    so the language model runs no further than the rows it needs."""
+    left = limit
+    for chunk in chunks:
+        if left is not None and len(chunk) >= left:
+            if left:
+                yield chunk[:left]
+            return
+        if left is not None:
+            left -= len(chunk)
+        yield chunk
+
+
 def shuffled_batches(chunks: Iterable[torch.Tensor], batch_size: int, buffer_size: int,
                      generator: torch.Generator) -> Iterator[torch.Tensor]:
     """Mix chunks in a buffer and yield batches [batch_size, d]; the last partial batch is dropped.

@@ -3,6 +3,12 @@
 It knows nothing of language models or databases: batches come in, metrics leave through `self.log`
 (callbacks pick them up). The decoder bias starts at the (geometric) median of the first batch — starting
 it at zero instead of the data mean costs ~0.14 FVU and many dead features on SmolLM2.
+
+What changes over a run lives here too: the learning rate's warm-up and linear decay, the warm-up of an
+L1/L0 coefficient, resampling of dead features, and the optional input scaling (x · s with s chosen on the
+first batch so that E‖x s‖² = d_in, as SAELens's `expected_average_only_in`), which makes a learning rate
+or an L1 coefficient mean the same on any model and layer. `FoldInputScale` folds s into the weights
+before anything outside training sees the SAE, so every saved or analysed SAE takes raw activations.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import lightning as L
 import torch
 
 from midisc import metrics
+from midisc.resampling import resample_dead
 from midisc.sae import SparseAutoencoder
 
 
@@ -20,27 +27,52 @@ class NonFiniteLossError(ArithmeticError):
     """The training loss became NaN or inf; the message is one line saying when and what to try."""
 
 
+def lr_factor(step: int, total: int, warmup_steps: int = 0, decay_frac: float = 0.0) -> float:
+    """The learning rate's multiplier at `step` of `total`: a linear rise from 0 over warmup_steps, flat, then a
+    linear fall towards 0 over the last decay_frac of the steps (SAELens's lr_warm_up_steps / lr_decay_steps).
+    Every step, the last included, keeps a multiplier > 0."""
+    factor = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    decay_steps = decay_frac * total
+    if decay_steps > 0 and step >= total - decay_steps:
+        factor *= max(total - step, 0) / decay_steps
+    return factor
+
+
 class SAEModule(L.LightningModule):
     def __init__(self, sae: SparseAutoencoder, optimizer: Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer],
                  *, b_dec_init: str = "geometric_median", dead_window: int = 262_144,
-                 unit_norm_decoder: bool = True) -> None:
+                 unit_norm_decoder: bool = True, lr_warmup_steps: int = 0, lr_decay_frac: float = 0.0,
+                 sparsity_warmup_steps: int = 0, normalize_input: bool = False, resample_every: int = 0) -> None:
         super().__init__()
         self.sae = sae
         self.make_optimizer = optimizer
         self.b_dec_init = b_dec_init
         self.dead_window = dead_window
         self.unit_norm_decoder = unit_norm_decoder
+        self.lr_warmup_steps, self.lr_decay_frac = lr_warmup_steps, lr_decay_frac
+        self.sparsity_warmup_steps = sparsity_warmup_steps
+        self.normalize_input = normalize_input
+        self.resample_every = resample_every
         # Buffers, so they follow the module to its device and into checkpoints.
         self.register_buffer("b_dec_ready", torch.tensor(False))
+        self.register_buffer("input_scale", torch.tensor(1.0))  # s: the SAE sees x * s until FoldInputScale
         self.register_buffer("tokens_since_fired", torch.zeros(sae.W_dec.shape[0], dtype=torch.long))
         self._val = metrics.ReconstructionTotals()
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         x = batch.float()
         if not self.b_dec_ready:
-            self.sae.init_b_dec(x, self.b_dec_init)
+            if self.normalize_input:
+                self.input_scale.fill_((x.shape[1] / x.pow(2).sum(1).mean()).sqrt())
+            self.sae.init_b_dec(x * self.input_scale, self.b_dec_init)
             self.b_dec_ready.fill_(True)
-        out = self.sae(x)
+        s = self.input_scale
+        x = x * s
+        dead = self.tokens_since_fired >= self.dead_window
+        if self.resample_every and self.global_step and self.global_step % self.resample_every == 0:
+            self.resample(x, dead)
+        warm = min(1.0, (self.global_step + 1) / self.sparsity_warmup_steps) if self.sparsity_warmup_steps else 1.0
+        out = self.sae(x, sparsity_scale=warm, dead=dead)
         # Stop at once: after one NaN step Adam makes every weight NaN, and nothing after it means anything.
         if not torch.isfinite(out.loss):
             raise NonFiniteLossError(
@@ -50,11 +82,29 @@ class SAEModule(L.LightningModule):
         self.tokens_since_fired += len(x)
         self.tokens_since_fired[fired] = 0
         fvu, l0, dead = metrics.fvu(x, out.x_hat), metrics.l0(out.codes), self.dead_frac()
-        self.log_dict({"train/loss": out.loss, "train/mse": out.mse, "train/fvu": fvu, "train/l0": l0,
-                       "train/l1": out.l1, "sparsity/dead_frac": dead}, on_step=True, on_epoch=True)
+        # MSE and L1 in the units of the raw activations, so runs with and without scaling compare.
+        logged = {"train/loss": out.loss, "train/mse": out.mse / s**2, "train/fvu": fvu, "train/l0": l0,
+                  "train/l1": out.l1 / s, "sparsity/dead_frac": dead}
+        if out.aux is not None:
+            logged["train/aux_loss"] = out.aux
+        self.log_dict(logged, on_step=True, on_epoch=True)
         self.log_dict({"fvu": fvu, "l0": l0, "dead": dead}, prog_bar=True, logger=False, on_step=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return out.loss
+
+    def resample(self, x: torch.Tensor, dead: torch.Tensor) -> None:
+        """Give dead features a fresh start on inputs the SAE reconstructs worst (Anthropic 2023)."""
+        generator = torch.Generator(device=x.device).manual_seed(self.global_step)
+        if resample_dead(self.sae, self.trainer.optimizers[0], x, dead, generator=generator):
+            self.tokens_since_fired[dead] = 0  # a new window to prove themselves in
+
+    @torch.no_grad()
+    def fold_input_scale(self) -> None:
+        """Fold the input scale into the SAE's biases, so it takes raw activations; a no-op once done."""
+        scale = float(self.input_scale)
+        if scale != 1.0:
+            self.sae.fold_input_scale(scale)
+            self.input_scale.fill_(1.0)
 
     def dead_frac(self) -> torch.Tensor:
         return metrics.dead_fraction(self.tokens_since_fired, self.dead_window)
@@ -71,14 +121,27 @@ class SAEModule(L.LightningModule):
             self.sae.normalize_decoder()
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        x = batch.float()
-        out = self.sae(x)
-        self._val.update(x, out.x_hat, out.codes)
+        x, s = batch.float(), self.input_scale
+        out = self.sae(x * s)
+        self._val.update(x, out.x_hat / s, out.codes / s)
 
     def on_validation_epoch_end(self) -> None:
         if self._val.n:
             self.log_dict({f"val/{k}": v for k, v in self._val.compute().items()})
         self._val = metrics.ReconstructionTotals()
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.make_optimizer(self.sae.parameters())
+    def configure_optimizers(self) -> dict:
+        optimizer = self.make_optimizer(self.sae.parameters())
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        # A closure, not an object: LambdaLR then saves no function into checkpoints; a resume rebuilds it.
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, total, self.lr_warmup_steps, self.lr_decay_frac))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class FoldInputScale(L.Callback):
+    """Folds the module's input scale into the SAE when training ends. Put it first among the callbacks: Lightning
+    calls callbacks before the module's own on_train_end, and every later one must see raw-unit weights."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: SAEModule) -> None:
+        pl_module.fold_input_scale()

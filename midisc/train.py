@@ -37,7 +37,8 @@ from torch.utils.data import DataLoader
 
 from midisc import corpus, lm
 from midisc.activation_cache import CacheError, SharedCache, cache_bytes
-from midisc.activations import ActivationStream, ContextChunk, MemoryCache, harvest, harvest_contexts, keep_mask
+from midisc.activations import (ActivationStream, ContextChunk, MemoryCache, harvest, harvest_contexts, keep_mask,
+                                take_rows)
 from midisc.callbacks import CURVES_FILENAME, Evaluator, Publisher, RunRecorder
 from midisc.checkpoints import (CHECKPOINT_DIR, Checkpointer, RunLock, checkpoint_step, last_checkpoint,
                                 trainer_position, trim_curves)
@@ -45,7 +46,7 @@ from midisc.corpus import CorpusError
 from midisc.export import run_info
 from midisc.features import frequency_bins
 from midisc.lm import ModelError
-from midisc.module import NonFiniteLossError, SAEModule
+from midisc.module import FoldInputScale, NonFiniteLossError, SAEModule
 from midisc.redaction import redact_log_records, redact_text, scrub_hydra_files
 from midisc.store import Store, StoreError, UnknownRunError, redact_url
 from midisc.store.engine import postgres_url_from_env
@@ -225,12 +226,14 @@ def _fit(cfg: DictConfig, output_dir: Path, store: Store | None, run_id: int | N
     options = dict(special_ids=special, batch_contexts=acts.lm_batch_size, outlier_factor=acts.outlier_factor,
                    store_dtype=acts.dtype)
     expected = int(keep_mask(train_ctx, special).sum())
+    if cfg.max_vectors is not None:
+        expected = min(expected, cfg.max_vectors)
     if expected < cfg.batch_size:
         raise ConfigError(f"the {len(train_ctx)} training contexts give at most {expected} activation vectors, "
                           f"fewer than one batch of batch_size={cfg.batch_size}; raise max_samples or lower batch_size")
     # Everything that decides the activations; runs that agree on it share one cache (the SAE settings don't).
     producer = dict(model=m.name, gguf=m.gguf_file, hook=hook, data=OmegaConf.to_container(cfg.data),
-                    max_samples=cfg.max_samples, seed=cfg.seed, context_size=cfg.context_size, separator=m.separator,
+                    max_samples=cfg.max_samples, max_vectors=cfg.max_vectors, seed=cfg.seed, context_size=cfg.context_size, separator=m.separator,
                     bos=m.prepend_bos, outlier_factor=acts.outlier_factor, dtype=acts.dtype, model_dtype=m.dtype,
                     lm_batch_size=acts.lm_batch_size)  # outliers are judged against each forward batch's median
     need = cache_bytes(expected + heldout_ctx.numel(), loaded.model.config.hidden_size, acts.dtype,
@@ -246,7 +249,7 @@ def _fit(cfg: DictConfig, output_dir: Path, store: Store | None, run_id: int | N
                                                    progress="held-out activations", **options))
             if isinstance(cache, SharedCache):
                 cache.save_heldout(heldout_chunks)
-        stream = ActivationStream(lambda: harvest(loaded.model, module, train_ctx, **options), cache,
+        stream = ActivationStream(lambda: take_rows(harvest(loaded.model, module, train_ctx, **options), cfg.max_vectors), cache,
                                   batch_size=cfg.batch_size, buffer_size=acts.buffer_size, expected_rows=expected,
                                   seed=cfg.seed)
         return _train(cfg, output_dir, store, run_id, hook, loaded, module, special, stream, heldout_chunks)
@@ -265,7 +268,11 @@ def _train(cfg: DictConfig, output_dir: Path, store: Store | None, run_id: int |
     info = run_info(OmegaConf.to_container(cfg, resolve=True), hook, lm.num_layers(loaded.model.config))
     publisher = Publisher(store, recorder, output_dir, info, lambda: lm.unembedding(loaded.model),
                           OmegaConf.to_container(cfg.export))
-    module_ = SAEModule(sae, instantiate(cfg.optimizer), b_dec_init=cfg.b_dec_init, dead_window=cfg.dead_window)
+    if cfg.resample_every and not hasattr(sae, "b_enc"):
+        raise ConfigError(f"resample_every={cfg.resample_every} needs an SAE with an encoder bias b_enc (relu, topk, "
+                          f"batchtopk, jumprelu); {type(sae).__name__} has none: set resample_every=0")
+    module_ = SAEModule(sae, instantiate(cfg.optimizer), b_dec_init=cfg.b_dec_init, dead_window=cfg.dead_window,
+                        normalize_input=cfg.normalize_input, resample_every=cfg.resample_every, **cfg.schedule)
     checkpointer = Checkpointer(output_dir / CHECKPOINT_DIR, cfg.checkpoint_every)
     ckpt = last_checkpoint(output_dir) if cfg.resume is not None else None
     if ckpt:
@@ -281,7 +288,7 @@ def _train(cfg: DictConfig, output_dir: Path, store: Store | None, run_id: int |
                            "dataset": "held-out texts of the run", "exclude_special_tokens_from_reconstruction": True})
     # In this order: the evaluator and publisher read the recorder's results, the publisher the evaluator's
     # headline, and an epoch's row is written before its checkpoint.
-    callbacks: list[L.Callback] = [recorder, evaluator, checkpointer, publisher]
+    callbacks: list[L.Callback] = [FoldInputScale(), recorder, evaluator, checkpointer, publisher]
     if cfg.trainer.enable_progress_bar:
         callbacks.append(TQDMProgressBar())  # Rich's bar draws nothing when output is not a terminal (CI, logs)
     trainer = instantiate(cfg.trainer, default_root_dir=str(output_dir), logger=make_loggers(cfg, output_dir) or False,

@@ -132,6 +132,8 @@ def check_config(cfg: DictConfig) -> None:
         _int(cfg, key, low)
     if _get(cfg, "resume") is not None:
         _int(cfg, "resume", 1)
+    if _get(cfg, "max_vectors") is not None:
+        _int(cfg, "max_vectors", _get(cfg, "batch_size"))
     _class(cfg, "sae._target_", "midisc.sae.TopKSAE")
     if "k" in cfg.sae:
         _int(cfg, "sae.k", 1)
@@ -150,6 +152,16 @@ def check_config(cfg: DictConfig) -> None:
     if _get(cfg, "activations.outlier_factor") is not None:
         _number(cfg, "activations.outlier_factor", 1.0, strict=True)
     _choice(cfg, "b_dec_init", B_DEC_METHODS)
+    _bool(cfg, "normalize_input")
+    _int(cfg, "resample_every", 0)
+    _int(cfg, "schedule.lr_warmup_steps", 0)
+    _int(cfg, "schedule.sparsity_warmup_steps", 0)
+    if not 0 <= _number(cfg, "schedule.lr_decay_frac", 0.0) <= 1:
+        raise ConfigError(f"schedule.lr_decay_frac must be a number in 0..1, got {_get(cfg, 'schedule.lr_decay_frac')!r}")
+    if "aux_k_coef" in cfg.sae:  # TopK, BatchTopK
+        _number(cfg, "sae.aux_k_coef", 0.0)
+    if _get(cfg, "sae.aux_k") is not None:
+        _int(cfg, "sae.aux_k", 1)
     _bool(cfg, "export.neuronpedia")
     _text(cfg, "export.set_name", optional=True)
     _text(cfg, "storage.url", optional=True)

@@ -4,7 +4,7 @@ import torch
 from midisc import lm
 from midisc.activation_cache import SharedCache
 from midisc.activations import (ActivationStream, MemoryCache, filter_activations, harvest, keep_mask,
-                                shuffled_batches)
+                                shuffled_batches, take_rows)
 
 
 def disk_cache(folder):
@@ -40,6 +40,21 @@ def test_harvest_equals_hidden_states_without_first_positions_and_specials(tiny_
     torch.testing.assert_close(got, hidden[keep])
     assert len(got) == 5 * 9 - 1
     assert not got.is_inference()  # usable by autograd later
+
+
+def test_take_rows_stops_at_the_limit_and_pulls_no_further():
+    pulled = []
+
+    def chunks():
+        for i in range(5):
+            pulled.append(i)
+            yield torch.full((4, 2), float(i))
+
+    taken = torch.cat(list(take_rows(chunks(), 10)))
+    assert taken.shape == (10, 2) and taken[8:, 0].tolist() == [2.0, 2.0] and pulled == [0, 1, 2]
+    assert len(torch.cat(list(take_rows(chunks(), None)))) == 20
+    pulled.clear()
+    assert torch.cat(list(take_rows(chunks(), 8))).shape == (8, 2) and pulled == [0, 1]
 
 
 def test_shuffled_batches_keep_every_row_but_the_tail_and_mix_chunks():

@@ -1,4 +1,5 @@
 import lightning as L
+import pytest
 import torch
 from torch.utils.data import DataLoader
 
@@ -62,3 +63,103 @@ def test_dead_counter_marks_features_that_never_fire():
     since = module.tokens_since_fired
     assert (since[:8] == 4 * 128).all()
     assert module.dead_frac().item() >= 8 / 64
+
+
+# --- what changes over a run: learning rate, sparsity warm-up, input scale ----------------------
+from midisc.module import FoldInputScale, lr_factor  # noqa: E402
+from midisc.sae import ReluSAE  # noqa: E402
+
+
+def test_lr_factor_warms_up_then_decays_linearly():
+    assert [lr_factor(s, 100) for s in (0, 50, 99)] == [1.0, 1.0, 1.0]
+    assert [lr_factor(s, 100, warmup_steps=4) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    decay = [lr_factor(s, 100, decay_frac=0.2) for s in (79, 80, 90, 99)]
+    assert decay == pytest.approx([1.0, 1.0, 0.5, 0.05])
+    assert lr_factor(0, 10, warmup_steps=20, decay_frac=1.0) == pytest.approx(0.05)  # both at once multiply
+    assert all(lr_factor(s, 7, 3, 1.0) > 0 for s in range(7))  # no step trains at lr 0
+
+
+class LrLog(L.Callback):
+    def __init__(self):
+        self.lrs = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_the_trainer_follows_the_schedule_step_by_step():
+    sae = TopKSAE(16, expansion=4, k=4, seed=0)
+    module = SAEModule(sae, lambda params: torch.optim.Adam(params, lr=0.1), b_dec_init="mean",
+                       lr_warmup_steps=2, lr_decay_frac=0.5)
+    log = LrLog()
+    L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, accelerator="cpu", callbacks=[log]).fit(
+        module, DataLoader(sparse_data(n=4), batch_size=None))
+    expected = [0.1 * lr_factor(s, 8, 2, 0.5) for s in range(8)]
+    assert log.lrs == pytest.approx(expected)
+
+
+def test_sparsity_warmup_scales_the_l1_term_of_the_first_steps():
+    sae = ReluSAE(16, expansion=4, l1_coef=0.5, seed=0)
+    x = sparse_data(n=1)[0]
+    full, none, half = sae(x), sae(x, sparsity_scale=0.0), sae(x, sparsity_scale=0.5)
+    torch.testing.assert_close(none.loss, full.mse)
+    torch.testing.assert_close(half.loss, full.mse + 0.25 * full.l1)
+    module = SAEModule(sae, lambda params: torch.optim.Adam(params, lr=1e-12), b_dec_init="mean",
+                       sparsity_warmup_steps=10)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module, DataLoader([x], batch_size=None))
+    m = trainer.callback_metrics
+    torch.testing.assert_close(m["train/loss_step"], m["train/mse_step"] + 0.1 * 0.5 * m["train/l1_step"])
+
+
+def test_input_scale_is_set_from_the_first_batch_and_folded_at_the_end():
+    data = [b * 1000.0 for b in sparse_data(n=20)]  # far from mean squared norm d_in
+    sae = TopKSAE(16, expansion=4, k=4, seed=0)
+    module = SAEModule(sae, lambda params: torch.optim.Adam(params, lr=1e-2), b_dec_init="mean",
+                       normalize_input=True)
+    scales = []
+
+    class Peek(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            scales.append(float(pl_module.input_scale))
+
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", callbacks=[FoldInputScale(), Peek()])
+    trainer.fit(module, DataLoader(data, batch_size=None), val_dataloaders=DataLoader(data[:2], batch_size=None))
+    expected = (16 / data[0].pow(2).sum(1).mean()).sqrt().item()
+    assert scales[0] == pytest.approx(expected) and len(set(scales)) == 1
+    assert float(module.input_scale) == 1.0  # folded
+    with torch.no_grad():  # the folded SAE takes raw activations and answers in raw units
+        out = module.sae(torch.cat(data[:2]))
+    raw = torch.cat(data[:2])
+    assert (out.x_hat - raw).pow(2).sum() / (raw - raw.mean(0)).pow(2).sum() < 0.5
+    torch.testing.assert_close(trainer.callback_metrics["val/mse"], (out.x_hat - raw).pow(2).mean(), rtol=1e-4, atol=0)
+
+
+def test_folding_the_input_scale_changes_no_output():
+    sae = TopKSAE(16, expansion=4, k=4, seed=0)
+    module = SAEModule(sae, lambda params: torch.optim.Adam(params), normalize_input=True)
+    module.input_scale.fill_(0.01)
+    x = sparse_data(n=1)[0] * 100
+    with torch.no_grad():
+        before = module.sae(x * 0.01)
+        module.fold_input_scale()
+        after = module.sae(x)
+        module.fold_input_scale()  # a second call changes nothing
+        again = module.sae(x)
+    torch.testing.assert_close(after.x_hat, before.x_hat / 0.01, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(after.codes, before.codes / 0.01, rtol=1e-4, atol=1e-3)
+    assert torch.equal(again.x_hat, after.x_hat)
+
+
+def test_resample_every_revives_dead_relu_features():
+    sae = ReluSAE(16, expansion=4, l1_coef=1e-3, seed=0)
+    with torch.no_grad():
+        sae.b_enc[:8] = -1e4  # features 0..7 can never fire on their own
+    module = SAEModule(sae, lambda params: torch.optim.Adam(params, lr=1e-3), b_dec_init="mean", dead_window=256,
+                       resample_every=3)
+    fit(module, sparse_data(n=4))  # steps 0..3: dead after step 1 (256 tokens), resampled at step 3
+    assert (sae.b_enc[:8] > -1).all()  # b_enc restarted at 0, then trained
+    assert (module.tokens_since_fired[:8] <= 128).all()  # and they fired at once, or their window restarted
