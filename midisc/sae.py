@@ -21,6 +21,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from midisc import sparse_ops
+from midisc.sparse_ops import TopKEncoder
+
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
 B_DEC_METHODS = ("mean", "geometric_median")
@@ -276,24 +279,27 @@ class TopKSAE(SparseAutoencoder):
     def _sparse_forward(self, x: Tensor, dead: Tensor | None = None) -> Output:
         """The training pass, with the same value and gradients as the dense one for a fraction of the work.
 
-        Dense, a step costs six [B, d_in] x [d_in, d_sae] products: encoder, decoder, and two gradients
-        of each. Here only the encoder's forward and its weight gradient remain: the decoder reads just
-        the k rows each token uses (an embedding bag, as EleutherAI's sparsify does), and b_dec enters the
-        encoder as b_dec @ W_enc, so no gradient with respect to the whole input batch is formed.
+        Dense, a step costs six [B, d_in] x [d_in, d_sae] products; here only the encoder's forward remains
+        (sparse_ops explains the rest), and b_dec enters the encoder as b_dec @ W_enc, so no gradient with
+        respect to the whole input batch is formed.
         """
         if x.shape[-1] != self.d_in:
             raise ValueError(f"expected activations with last dimension d_in={self.d_in}, got shape {tuple(x.shape)}")
         flat = x.reshape(-1, self.d_in).to(self.W_enc.dtype)
-        pre = flat @ self.W_enc - self.b_dec @ self.W_enc + self.b_enc
-        top = pre.topk(self.k, dim=-1)
-        values = torch.relu(top.values)
-        x_hat = nn.functional.embedding_bag(top.indices, self.W_dec, per_sample_weights=values, mode="sum")
-        x_hat = x_hat + self.b_dec
+        shift = self.b_enc - self.b_dec @ self.W_enc
+        top_values, indices = TopKEncoder.apply(flat, self.W_enc, shift, self.k)
+        values = torch.relu(top_values)
+        x_hat = sparse_ops.decode(indices, values, self.W_dec) + self.b_dec
         mse = (x_hat - flat).pow(2).mean()
-        aux = auxk_loss(pre, flat - x_hat, self.W_dec, dead, self.aux_k) if self.aux_k_coef else None
+        aux = None
+        if self.aux_k_coef and dead is not None and bool(dead.any()):
+            # Only the dead features' pre-activations: a product over d_sae × (dead fraction) columns.
+            ids = dead.nonzero().squeeze(1)
+            aux_values, aux_indices = TopKEncoder.apply(flat, self.W_enc[:, ids], shift[ids], min(self.aux_k, len(ids)))
+            aux = sparse_ops.auxk_from_top(aux_values, ids[aux_indices], flat - x_hat, self.W_dec, len(ids), self.aux_k)
         with torch.no_grad():  # reported, not trained on: TopK's objective is the MSE alone
-            codes = torch.zeros_like(pre).scatter(-1, top.indices, values)
-            l1 = (values * self.W_dec.norm(dim=1)[top.indices]).sum(dim=-1).mean()
+            codes = flat.new_zeros(len(flat), self.d_sae).scatter(-1, indices, values)
+            l1 = (values * self.W_dec.norm(dim=1)[indices]).sum(dim=-1).mean()
         shape = x.shape[:-1]
         loss = mse if aux is None else mse + self.aux_k_coef * aux
         return Output(x_hat=x_hat.reshape(*shape, self.d_in), codes=codes.reshape(*shape, self.d_sae),
@@ -315,22 +321,6 @@ def check_auxk(coef: Any, aux_k: Any, d_in: int, d_sae: int) -> tuple[float, int
     if not _is_int(aux_k) or not 1 <= aux_k <= d_sae:
         raise ValueError(f"aux_k={aux_k!r} must be an integer 1 <= aux_k <= {d_sae} (the SAE width), or null")
     return float(coef), aux_k
-
-
-def auxk_loss(pre: Tensor, residual: Tensor, W_dec: Tensor, dead: Tensor | None, aux_k: int) -> Tensor | None:
-    """AuxK (Gao et al. 2024, appendix A.2): the aux_k largest pre-activations [B, d_sae] among dead features
-    reconstruct the main reconstruction's error residual [B, d_in], so dead features get a gradient that
-    points them at what the live ones miss. Mean squared error over elements, like the main MSE, scaled down
-    when fewer than aux_k features are dead (as sparsify does); None when no feature is dead."""
-    if dead is None:
-        return None
-    n_dead = int(dead.sum())
-    if n_dead == 0:
-        return None
-    k = min(aux_k, n_dead)
-    top = torch.where(dead, pre, pre.new_tensor(-math.inf)).topk(k, dim=-1, sorted=False)
-    e_hat = nn.functional.embedding_bag(top.indices, W_dec, per_sample_weights=torch.relu(top.values), mode="sum")
-    return min(n_dead / aux_k, 1.0) * (e_hat - residual.detach()).pow(2).mean()
 
 
 # The architectures cfg.json may name. JumpReLU (and BatchTopK, which SAELens saves as JumpReLU) lives in

@@ -18,7 +18,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from midisc.sae import Output, SparseAutoencoder, _is_int, auxk_loss, check_auxk
+from midisc.sae import Output, SparseAutoencoder, _is_int, check_auxk
+from midisc.sparse_ops import auxk_loss
 
 
 def _positive_number(name: str, value: Any) -> float:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from midisc.sae import SparseAutoencoder, TopKSAE, auxk_loss
+from midisc.sae import SparseAutoencoder, TopKSAE
+from midisc.sparse_ops import auxk_loss
 from midisc.sae_jump import BatchTopKSAE
 
 D, WIDTH = 8, 32

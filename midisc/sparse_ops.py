@@ -1,0 +1,81 @@
+"""The sparse products that make a TopK training step cheap: each token touches only its k features.
+
+A dense TopK step costs six [B, d_in] x [d_in, d_sae] products: the encoder, the decoder, and two
+gradients of each. Only the encoder's forward product really needs every feature, because top-k must see
+them all. The others reduce to sums over the k selected features per token:
+- the decoder reads each token's k rows of W_dec (an embedding bag, as EleutherAI's sparsify does), and
+  autograd's embedding-bag backward writes only those rows' gradient;
+- the encoder's weight gradient has k nonzeros per token, so `TopKEncoder.backward` builds it per feature
+  as an embedding bag over the tokens that picked it: B·k·d_in work instead of B·d_sae·d_in.
+Measured on 2 CPU cores at 4096 × 576 → 4608, k=32: that gradient takes 0.023 s instead of 0.40 s.
+
+Nothing here knows about SAEs: plain tensors in, tensors out, and AuxK's loss (Gao et al. 2024) with them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn.functional import embedding_bag
+
+
+def _per_feature(indices: Tensor, weights: Tensor, rows: Tensor, width: int) -> Tensor:
+    """[width, d]: for every feature j, Σ weights[b, i] · rows[b] over the (b, i) with indices[b, i] = j."""
+    flat = indices.flatten()
+    order = flat.argsort(stable=True)  # stable: the same sums in the same order every run (resume is bit-exact)
+    counts = torch.bincount(flat, minlength=width)
+    offsets = counts.cumsum(0) - counts
+    token = torch.div(order, indices.shape[1], rounding_mode="floor")
+    return embedding_bag(token, rows, offsets=offsets, per_sample_weights=weights.flatten()[order], mode="sum")
+
+
+class TopKEncoder(torch.autograd.Function):
+    """(values, indices) of the k largest of x @ W + shift, per row of x [B, d_in]; W [d_in, width], shift [width].
+
+    The gradients are exactly those of the dense product followed by topk, computed from the selected
+    entries only (see the module's docstring)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, W: Tensor, shift: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        top = torch.addmm(shift, x, W).topk(k, dim=-1)
+        ctx.save_for_backward(x, W, top.indices)
+        ctx.mark_non_differentiable(top.indices)
+        return top.values, top.indices
+
+    @staticmethod
+    def backward(ctx: Any, grad_values: Tensor, _: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+        x, W, indices = ctx.saved_tensors
+        grad_x = grad_W = grad_shift = None
+        if ctx.needs_input_grad[0]:  # Σ_i g[b, i] · W[:, indices[b, i]]
+            grad_x = embedding_bag(indices, W.t(), per_sample_weights=grad_values, mode="sum")
+        if ctx.needs_input_grad[1]:
+            grad_W = _per_feature(indices, grad_values, x, W.shape[1]).t()
+        if ctx.needs_input_grad[2]:
+            grad_shift = torch.zeros_like(W[0]).index_add_(0, indices.flatten(), grad_values.flatten())
+        return grad_x, grad_W, grad_shift, None
+
+
+def decode(indices: Tensor, values: Tensor, W_dec: Tensor) -> Tensor:
+    """[B, d_in]: Σ_i values[b, i] · W_dec[indices[b, i]], reading only the selected rows of W_dec [width, d_in]."""
+    return embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
+
+
+def auxk_loss(pre: Tensor, residual: Tensor, W_dec: Tensor, dead: Tensor | None, aux_k: int) -> Tensor | None:
+    """AuxK (Gao et al. 2024, appendix A.2) from dense pre-activations [B, width]: see `auxk_from_top`."""
+    if dead is None or not bool(dead.any()):
+        return None
+    k = min(aux_k, int(dead.sum()))
+    top = torch.where(dead, pre, pre.new_tensor(-math.inf)).topk(k, dim=-1, sorted=False)
+    return auxk_from_top(top.values, top.indices, residual, W_dec, int(dead.sum()), aux_k)
+
+
+def auxk_from_top(values: Tensor, indices: Tensor, residual: Tensor, W_dec: Tensor, n_dead: int, aux_k: int) -> Tensor:
+    """The aux_k largest pre-activations among dead features (values, indices [B, ≤aux_k]) reconstruct the
+    main reconstruction's error residual [B, d_in], so dead features get a gradient pointing them at what the
+    live ones miss. Mean squared error over elements, like the main MSE, scaled down when fewer than aux_k
+    features are dead (as sparsify does)."""
+    e_hat = decode(indices, torch.relu(values), W_dec)
+    return min(n_dead / aux_k, 1.0) * (e_hat - residual.detach()).pow(2).mean()
