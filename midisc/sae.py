@@ -291,12 +291,8 @@ class TopKSAE(SparseAutoencoder):
         values = torch.relu(top_values)
         x_hat = sparse_ops.decode(indices, values, self.W_dec) + self.b_dec
         mse = (x_hat - flat).pow(2).mean()
-        aux = None
-        if self.aux_k_coef and dead is not None and bool(dead.any()):
-            # Only the dead features' pre-activations: a product over d_sae × (dead fraction) columns.
-            ids = dead.nonzero().squeeze(1)
-            aux_values, aux_indices = TopKEncoder.apply(flat, self.W_enc[:, ids], shift[ids], min(self.aux_k, len(ids)))
-            aux = sparse_ops.auxk_from_top(aux_values, ids[aux_indices], flat - x_hat, self.W_dec, len(ids), self.aux_k)
+        aux = sparse_ops.sparse_auxk(flat, self.W_enc, shift, self.W_dec, dead, self.aux_k, flat - x_hat) \
+            if self.aux_k_coef else None
         with torch.no_grad():  # reported, not trained on: TopK's objective is the MSE alone
             codes = flat.new_zeros(len(flat), self.d_sae).scatter(-1, indices, values)
             l1 = (values * self.W_dec.norm(dim=1)[indices]).sum(dim=-1).mean()

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from midisc.sae import Output, SparseAutoencoder, _is_int, check_auxk
-from midisc.sparse_ops import auxk_loss
+from midisc import sparse_ops
+from midisc.sparse_ops import BatchTopKEncoder
 
 
 def _positive_number(name: str, value: Any) -> float:
@@ -200,13 +201,6 @@ class BatchTopKSAE(SparseAutoencoder):
         value = self.running_threshold.to(self.W_enc.dtype).expand(self.d_sae)
         return value.log().exp()
 
-    def batch_topk(self, pre: Tensor) -> Tensor:
-        """Codes [B, d_sae] keeping the k * B largest ReLU'd pre-activations of the whole batch."""
-        acts = torch.relu(pre)
-        flat = acts.flatten()
-        top = flat.topk(min(self.k * acts.shape[0], flat.numel()))
-        return torch.zeros_like(flat).scatter(-1, top.indices, top.values).reshape(acts.shape)
-
     def encode(self, x: Tensor) -> Tensor:
         pre = self.pre_acts(x)
         return pre * (pre > self.threshold)  # threshold >= 0, so this is ReLU then the jump
@@ -216,17 +210,30 @@ class BatchTopKSAE(SparseAutoencoder):
         # one and see each token alone. Not self.training: Lightning keeps an SAE handed over in eval mode so.
         if not (torch.is_grad_enabled() and self.W_dec.requires_grad):
             return _output(self, x, self.encode(x))
-        pre = self.pre_acts(x).reshape(-1, self.d_sae)
-        codes = self.batch_topk(pre)
-        self._update_threshold(codes)
-        out = _output(self, x, codes.reshape(*x.shape[:-1], self.d_sae))
-        if not self.aux_k_coef:
-            return out
-        residual = (x.to(out.x_hat.dtype) - out.x_hat).reshape(pre.shape[0], self.d_in)
-        aux = auxk_loss(pre, residual, self.W_dec, dead, self.aux_k)
-        if aux is not None:
-            out.loss, out.aux = out.loss + self.aux_k_coef * aux, aux
-        return out
+        return self._sparse_forward(x, dead)
+
+    def _sparse_forward(self, x: Tensor, dead: Tensor | None) -> Output:
+        """The training pass: the k·B largest ReLU'd pre-activations of the batch, computed over the selected
+        entries only, as TopKSAE's pass is (see sparse_ops). Selecting on raw pre-activations and then taking the
+        ReLU keeps the same entries wherever k·B of them are positive; where fewer are, the extra ones are 0
+        either way and carry no gradient."""
+        flat = x.reshape(-1, self.d_in).to(self.W_enc.dtype)
+        shift = self.b_enc - self.b_dec @ self.W_enc
+        n = min(self.k * len(flat), len(flat) * self.d_sae)
+        values, tokens, features = BatchTopKEncoder.apply(flat, self.W_enc, shift, n)
+        values = torch.relu(values)
+        x_hat = sparse_ops.decode(features, values, self.W_dec, sparse_ops.offsets_of(tokens, len(flat))) + self.b_dec
+        mse = (x_hat - flat).pow(2).mean()
+        aux = sparse_ops.sparse_auxk(flat, self.W_enc, shift, self.W_dec, dead, self.aux_k, flat - x_hat) \
+            if self.aux_k_coef else None
+        with torch.no_grad():
+            codes = flat.new_zeros(len(flat), self.d_sae).index_put_((tokens, features), values)
+            self._update_threshold(codes)
+            l1 = (values * self.W_dec.norm(dim=1)[features]).sum() / len(flat)
+        loss = mse if aux is None else mse + self.aux_k_coef * aux
+        shape = x.shape[:-1]
+        return Output(x_hat=x_hat.reshape(*shape, self.d_in), codes=codes.reshape(*shape, self.d_sae), loss=loss,
+                      mse=mse, l1=l1, aux=aux)
 
     @torch.no_grad()
     def _update_threshold(self, codes: Tensor) -> None:

@@ -22,14 +22,17 @@ from torch import Tensor
 from torch.nn.functional import embedding_bag
 
 
-def _per_feature(indices: Tensor, weights: Tensor, rows: Tensor, width: int) -> Tensor:
-    """[width, d]: for every feature j, Σ weights[b, i] · rows[b] over the (b, i) with indices[b, i] = j."""
-    flat = indices.flatten()
-    order = flat.argsort(stable=True)  # stable: the same sums in the same order every run (resume is bit-exact)
-    counts = torch.bincount(flat, minlength=width)
-    offsets = counts.cumsum(0) - counts
-    token = torch.div(order, indices.shape[1], rounding_mode="floor")
-    return embedding_bag(token, rows, offsets=offsets, per_sample_weights=weights.flatten()[order], mode="sum")
+def _per_feature(features: Tensor, tokens: Tensor, weights: Tensor, rows: Tensor, width: int) -> Tensor:
+    """[width, d]: for every feature j, Σ weights[i] · rows[tokens[i]] over the entries i with features[i] = j."""
+    order = features.argsort(stable=True)  # stable: the same sums in the same order every run (resume is bit-exact)
+    return embedding_bag(tokens[order], rows, offsets=offsets_of(features, width), per_sample_weights=weights[order],
+                         mode="sum")
+
+
+def offsets_of(groups: Tensor, n_groups: int) -> Tensor:
+    """Where each group starts in a list sorted by group: the `offsets` an embedding bag takes."""
+    counts = torch.bincount(groups, minlength=n_groups)
+    return counts.cumsum(0) - counts
 
 
 class TopKEncoder(torch.autograd.Function):
@@ -52,15 +55,56 @@ class TopKEncoder(torch.autograd.Function):
         if ctx.needs_input_grad[0]:  # Σ_i g[b, i] · W[:, indices[b, i]]
             grad_x = embedding_bag(indices, W.t(), per_sample_weights=grad_values, mode="sum")
         if ctx.needs_input_grad[1]:
-            grad_W = _per_feature(indices, grad_values, x, W.shape[1]).t()
+            tokens = torch.arange(len(x), device=x.device).repeat_interleave(indices.shape[1])
+            grad_W = _per_feature(indices.flatten(), tokens, grad_values.flatten(), x, W.shape[1]).t()
         if ctx.needs_input_grad[2]:
             grad_shift = torch.zeros_like(W[0]).index_add_(0, indices.flatten(), grad_values.flatten())
         return grad_x, grad_W, grad_shift, None
 
 
-def decode(indices: Tensor, values: Tensor, W_dec: Tensor) -> Tensor:
-    """[B, d_in]: Σ_i values[b, i] · W_dec[indices[b, i]], reading only the selected rows of W_dec [width, d_in]."""
-    return embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
+class BatchTopKEncoder(torch.autograd.Function):
+    """The n largest entries of x @ W + shift over the whole batch x [B, d_in] (BatchTopK, Bussmann et al. 2024),
+    as flat lists sorted by token: (values, tokens, features). Gradients from the selected entries only."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, W: Tensor, shift: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
+        top = torch.addmm(shift, x, W).flatten().topk(n, sorted=False)
+        order = top.indices.argsort()  # flat indices are row-major: sorting groups them by token
+        flat = top.indices[order]
+        tokens, features = torch.div(flat, W.shape[1], rounding_mode="floor"), flat % W.shape[1]
+        ctx.save_for_backward(x, W, tokens, features)
+        ctx.mark_non_differentiable(tokens, features)
+        return top.values[order], tokens, features
+
+    @staticmethod
+    def backward(ctx: Any, grad_values: Tensor, *_: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+        x, W, tokens, features = ctx.saved_tensors
+        grad_x = grad_W = grad_shift = None
+        if ctx.needs_input_grad[0]:
+            grad_x = embedding_bag(features, W.t(), offsets=offsets_of(tokens, len(x)), per_sample_weights=grad_values,
+                                   mode="sum")
+        if ctx.needs_input_grad[1]:
+            grad_W = _per_feature(features, tokens, grad_values, x, W.shape[1]).t()
+        if ctx.needs_input_grad[2]:
+            grad_shift = torch.zeros_like(W[0]).index_add_(0, features, grad_values)
+        return grad_x, grad_W, grad_shift, None
+
+
+def sparse_auxk(x: Tensor, W_enc: Tensor, shift: Tensor, W_dec: Tensor, dead: Tensor | None, aux_k: int,
+                residual: Tensor) -> Tensor | None:
+    """AuxK for a sparse training pass: the dead features' pre-activations x @ W_enc[:, dead] + shift[dead] (a
+    product over only their columns), then `auxk_from_top`. None when no feature is dead."""
+    if dead is None or not bool(dead.any()):
+        return None
+    ids = dead.nonzero().squeeze(1)
+    values, indices = TopKEncoder.apply(x, W_enc[:, ids], shift[ids], min(aux_k, len(ids)))
+    return auxk_from_top(values, ids[indices], residual, W_dec, len(ids), aux_k)
+
+
+def decode(indices: Tensor, values: Tensor, W_dec: Tensor, offsets: Tensor | None = None) -> Tensor:
+    """[B, d_in]: Σ_i values[b, i] · W_dec[indices[b, i]], reading only the selected rows of W_dec [width, d_in].
+    With `offsets`, indices and values are flat lists sorted by token, token b's entries starting at offsets[b]."""
+    return embedding_bag(indices, W_dec, offsets=offsets, per_sample_weights=values, mode="sum")
 
 
 def auxk_loss(pre: Tensor, residual: Tensor, W_dec: Tensor, dead: Tensor | None, aux_k: int) -> Tensor | None:

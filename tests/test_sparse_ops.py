@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from midisc.sae import SparseAutoencoder, TopKSAE
-from midisc.sparse_ops import TopKEncoder, auxk_loss, decode
+from midisc.sae_jump import BatchTopKSAE
+from midisc.sparse_ops import BatchTopKEncoder, TopKEncoder, auxk_loss, decode
 
 
 def test_topk_encoder_passes_gradcheck_in_double():
@@ -66,3 +67,43 @@ def test_topk_training_pass_with_auxk_matches_the_dense_auxk():
     torch.testing.assert_close(aux_sparse, aux_dense)
     for name, grad in dense.items():
         torch.testing.assert_close(sparse[name], grad, rtol=1e-5, atol=1e-6)
+
+
+def test_batch_topk_encoder_passes_gradcheck_in_double():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    W = torch.randn(4, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    shift = torch.randn(6, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: BatchTopKEncoder.apply(*a, 7)[0], (x, W, shift))
+
+
+def test_batchtopk_training_pass_matches_the_dense_definition():
+    # Dense: ReLU every pre-activation, keep the k·B largest of the batch, decode with a full product.
+    sae = BatchTopKSAE(16, 4, k=3, seed=4)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_()
+    x = torch.randn(20, 16)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[1::4] = True
+
+    def dense_pass():
+        acts = torch.relu(sae.pre_acts(x))
+        top = acts.flatten().topk(sae.k * len(x))
+        codes = torch.zeros_like(acts.flatten()).scatter(-1, top.indices, top.values).reshape(acts.shape)
+        x_hat = codes @ sae.W_dec + sae.b_dec
+        aux = auxk_loss(sae.pre_acts(x), x - x_hat, sae.W_dec, dead, sae.aux_k)
+        return codes, x_hat, (x_hat - x).pow(2).mean() + sae.aux_k_coef * aux
+
+    results = []
+    for sparse in (True, False):
+        sae.zero_grad()
+        if sparse:
+            out = sae(x, dead=dead)
+            codes, x_hat, loss = out.codes, out.x_hat, out.loss
+        else:
+            codes, x_hat, loss = dense_pass()
+        loss.backward()
+        results.append([codes.detach(), x_hat.detach(), loss.detach()] + [p.grad.clone() for p in sae.parameters()])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
