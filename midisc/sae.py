@@ -80,12 +80,16 @@ class SparseAutoencoder(nn.Module):
     # --- the maths -------------------------------------------------------------------------
     def pre_acts(self, x: Tensor) -> Tensor:
         """Encoder pre-activations [.., d_sae]; b_dec is subtracted first (SAELens apply_b_dec_to_input)."""
+        x = self.checked(x)
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
+
+    def checked(self, x: Tensor) -> Tensor:
+        """x in the weights' dtype, after checking its last dimension is d_in."""
         if x.shape[-1] != self.d_in:
             raise ValueError(
                 f"expected activations with last dimension d_in={self.d_in}, got shape {tuple(x.shape)}"
             )
-        x = x.to(self.W_enc.dtype)
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
+        return x.to(self.W_enc.dtype)
 
     def encode(self, x: Tensor) -> Tensor:
         """Dense codes [.., d_sae], all >= 0."""
@@ -217,7 +221,11 @@ class ReluSAE(SparseAutoencoder):
         self.l1_coef = float(l1_coef)
 
     def encode(self, x: Tensor) -> Tensor:
-        return torch.relu(self.pre_acts(x))
+        if torch.is_grad_enabled() and self.W_enc.requires_grad:
+            # Training: b_dec enters as b_dec @ W_enc, so its gradient is a vector product instead of the
+            # [B, d_sae] x [d_sae, d_in] product back to the input batch (one of the step's six big products).
+            return torch.relu(self.checked(x) @ self.W_enc + (self.b_enc - self.b_dec @ self.W_enc))
+        return torch.relu(self.pre_acts(x))  # inference: SAELens's sums, bit for bit
 
     def objective(self, mse: Tensor, l1: Tensor, sparsity_scale: float = 1.0) -> Tensor:
         return mse + sparsity_scale * self.l1_coef * l1
@@ -283,9 +291,7 @@ class TopKSAE(SparseAutoencoder):
         (sparse_ops explains the rest), and b_dec enters the encoder as b_dec @ W_enc, so no gradient with
         respect to the whole input batch is formed.
         """
-        if x.shape[-1] != self.d_in:
-            raise ValueError(f"expected activations with last dimension d_in={self.d_in}, got shape {tuple(x.shape)}")
-        flat = x.reshape(-1, self.d_in).to(self.W_enc.dtype)
+        flat = self.checked(x).reshape(-1, self.d_in)
         shift = self.b_enc - self.b_dec @ self.W_enc
         top_values, indices = TopKEncoder.apply(flat, self.W_enc, shift, self.k)
         values = torch.relu(top_values)

@@ -369,3 +369,20 @@ def test_topk_training_pass_matches_the_dense_one_in_value_and_gradient():
         torch.testing.assert_close(sparse_grads[name], grad, rtol=1e-5, atol=1e-6)
     with torch.no_grad():  # inference keeps the dense sums, identical to SAELens's
         assert torch.equal(sae(x).x_hat, SparseAutoencoder.forward(sae, x).x_hat)
+
+
+def test_relu_training_pass_folds_b_dec_without_changing_values_or_gradients():
+    sae = randomise(ReluSAE(16, 4, l1_coef=0.1, seed=3))
+    x = torch.randn(32, 16)
+    sae.zero_grad()
+    out = sae(x)  # grad enabled: the folded encoder
+    out.loss.backward()
+    folded = {name: p.grad.clone() for name, p in sae.named_parameters()}
+    sae.zero_grad()
+    codes = torch.relu(sae.pre_acts(x))  # the textbook (x - b_dec) @ W_enc + b_enc
+    x_hat = codes @ sae.W_dec + sae.b_dec
+    loss = (x_hat - x).pow(2).mean() + 0.1 * (codes * sae.W_dec.norm(dim=1)).sum(-1).mean()
+    loss.backward()
+    torch.testing.assert_close(out.loss, loss)
+    for name, p in sae.named_parameters():
+        torch.testing.assert_close(folded[name], p.grad, rtol=1e-5, atol=1e-6)
