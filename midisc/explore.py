@@ -154,11 +154,12 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
         print_json({"sweep_id": sweep_id, "plot": str(plot) if points else None, "runs": rows})
         return 0
     console.print(f"sweep {sweep_id}: {len(rows)} runs, by L0", markup=False, highlight=False, soft_wrap=True)
-    table = make_table(console, "id", "status", "job", "width", "L0", "FVU", "MSE", "dead", "frontier",
-                       right=("id", "width", "L0", "FVU", "MSE", "dead"))
+    table = make_table(console, "id", "status", "job", "width", "L0", "FVU", "MSE", "dead", "CE rec.", "KL score",
+                       "frontier", right=("id", "width", "L0", "FVU", "MSE", "dead", "CE rec.", "KL score"))
     for r in rows:
         table.add_row(str(r["id"]), r["status"], r["job"], number(r["width"]), number(r["l0"]), number(r["fvu"]),
-                      number(r["mse"]), percent(r["dead_frac"]), "*" if r["frontier"] else "")
+                      number(r["mse"]), percent(r["dead_frac"]), number(r["ce_loss_score"]),
+                      number(r["kl_div_score"]), "*" if r["frontier"] else "")
     console.print(table)
     console.print(f"frontier plot (L0 vs FVU): {plot}" if points else "no finished runs yet: nothing to plot")
     return 0

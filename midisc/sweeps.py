@@ -65,6 +65,9 @@ def comparison(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     labels = varying([r.get("overrides") for r in runs])
     rows = [{"id": r["id"], "status": r["status"], "job": " ".join(label) or "-", "width": r["d_sae"],
              "l0": r["l0"], "fvu": r["fvu"], "mse": r["mse"], "dead_frac": r["dead_frac"],
+             # The spliced-in scores of the end-of-training evaluation, where it ran (evaluate.contexts > 0).
+             "ce_loss_score": (r.get("metrics") or {}).get("ce_loss_score"),
+             "kl_div_score": (r.get("metrics") or {}).get("kl_div_score"),
              "tokens": r["n_tokens"], "output_dir": r["output_dir"]}
             for r, label in zip(runs, labels)]
     scored = [i for i, row in enumerate(rows) if row["l0"] is not None and row["fvu"] is not None]

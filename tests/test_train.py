@@ -182,6 +182,10 @@ def test_cli_multirun_sweep_records_each_job(tmp_path, tiny_llama, text_folder):
     assert report["sweep_id"] == str(sweep) and Path(report["plot"]) == sweep / "frontier.png"
     assert (sweep / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(report["runs"]) == 4 and any(r["frontier"] for r in report["runs"])
+    runs_by_id = {r["id"]: r for r in runs}
+    for row in report["runs"]:  # the spliced-in scores of each job's evaluation, where its model gave one
+        metrics = runs_by_id[row["id"]]["metrics"]
+        assert (row["ce_loss_score"], row["kl_div_score"]) == (metrics.get("ce_loss_score"), metrics.get("kl_div_score"))
     assert {r["job"] for r in report["runs"]} == {f"sae.k={k} layer={layer}" for k in (4, 8) for layer in (0, 1)}
 
 
