@@ -63,16 +63,16 @@ class SAEModule(L.LightningModule):
         x = batch.float()
         if not self.b_dec_ready:
             if self.normalize_input:
-                self.input_scale.fill_((x.shape[1] / x.pow(2).sum(1).mean()).sqrt())
+                self.input_scale.fill_((x.shape[1] / x.pow(2).sum(1).mean().clamp_min(1e-12)).sqrt())
             self.sae.init_b_dec(x * self.input_scale, self.b_dec_init)
             self.b_dec_ready.fill_(True)
         s = self.input_scale
         x = x * s
-        dead = self.tokens_since_fired >= self.dead_window
+        dead_mask = self.tokens_since_fired >= self.dead_window
         if self.resample_every and self.global_step and self.global_step % self.resample_every == 0:
-            self.resample(x, dead)
+            self.resample(x, dead_mask)
         warm = min(1.0, (self.global_step + 1) / self.sparsity_warmup_steps) if self.sparsity_warmup_steps else 1.0
-        out = self.sae(x, sparsity_scale=warm, dead=dead)
+        out = self.sae(x, sparsity_scale=warm, dead=dead_mask)
         # Stop at once: after one NaN step Adam makes every weight NaN, and nothing after it means anything.
         if not torch.isfinite(out.loss):
             raise NonFiniteLossError(

@@ -18,8 +18,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from midisc.sae import Output, SparseAutoencoder, _is_int, check_auxk
 from midisc import sparse_ops
+from midisc.sae import Output, SparseAutoencoder, _is_int, check_auxk
 from midisc.sparse_ops import BatchTopKEncoder
 
 
@@ -175,7 +175,7 @@ class BatchTopKSAE(SparseAutoencoder):
         expansion: int = 8,
         *,
         k: int = 32,
-        threshold_lr: float = 0.01,
+        threshold_lr: float = 0.1,
         aux_k_coef: float = 1 / 32,
         aux_k: int | None = None,
         d_sae: int | None = None,
@@ -217,7 +217,7 @@ class BatchTopKSAE(SparseAutoencoder):
         entries only, as TopKSAE's pass is (see sparse_ops). Selecting on raw pre-activations and then taking the
         ReLU keeps the same entries wherever k·B of them are positive; where fewer are, the extra ones are 0
         either way and carry no gradient."""
-        flat = x.reshape(-1, self.d_in).to(self.W_enc.dtype)
+        flat = self.checked(x).reshape(-1, self.d_in)
         shift = self.b_enc - self.b_dec @ self.W_enc
         n = min(self.k * len(flat), len(flat) * self.d_sae)
         values, tokens, features = BatchTopKEncoder.apply(flat, self.W_enc, shift, n)

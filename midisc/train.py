@@ -233,8 +233,9 @@ def _fit(cfg: DictConfig, output_dir: Path, store: Store | None, run_id: int | N
                           f"fewer than one batch of batch_size={cfg.batch_size}; raise max_samples or lower batch_size")
     # Everything that decides the activations; runs that agree on it share one cache (the SAE settings don't).
     producer = dict(model=m.name, gguf=m.gguf_file, hook=hook, data=OmegaConf.to_container(cfg.data),
-                    max_samples=cfg.max_samples, max_vectors=cfg.max_vectors, seed=cfg.seed, context_size=cfg.context_size, separator=m.separator,
-                    bos=m.prepend_bos, outlier_factor=acts.outlier_factor, dtype=acts.dtype, model_dtype=m.dtype,
+                    max_samples=cfg.max_samples, max_vectors=cfg.max_vectors, seed=cfg.seed,
+                    context_size=cfg.context_size, separator=m.separator, bos=m.prepend_bos,
+                    outlier_factor=acts.outlier_factor, dtype=acts.dtype, model_dtype=m.dtype,
                     lm_batch_size=acts.lm_batch_size)  # outliers are judged against each forward batch's median
     need = cache_bytes(expected + heldout_ctx.numel(), loaded.model.config.hidden_size, acts.dtype,
                        tokens=heldout_ctx.numel())
@@ -249,9 +250,12 @@ def _fit(cfg: DictConfig, output_dir: Path, store: Store | None, run_id: int | N
                                                    progress="held-out activations", **options))
             if isinstance(cache, SharedCache):
                 cache.save_heldout(heldout_chunks)
-        stream = ActivationStream(lambda: take_rows(harvest(loaded.model, module, train_ctx, **options), cfg.max_vectors), cache,
-                                  batch_size=cfg.batch_size, buffer_size=acts.buffer_size, expected_rows=expected,
-                                  seed=cfg.seed)
+
+        def vectors():  # the first max_vectors of the harvest: the language model stops there
+            return take_rows(harvest(loaded.model, module, train_ctx, **options), cfg.max_vectors)
+
+        stream = ActivationStream(vectors, cache, batch_size=cfg.batch_size, buffer_size=acts.buffer_size,
+                                  expected_rows=expected, seed=cfg.seed)
         return _train(cfg, output_dir, store, run_id, hook, loaded, module, special, stream, heldout_chunks)
 
 
