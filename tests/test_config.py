@@ -76,6 +76,15 @@ def test_seed_phi2_experiment_reproduces_the_research_setting():
     check_config(cfg)
 
 
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu"])
+def test_reference_experiment_is_the_setting_of_the_results_table(arch):
+    cfg = compose_config([f"sae={arch}", "experiment=reference"])
+    assert cfg.model.name == "SmolLM2-135M-Instruct" and cfg.layer == 15 and cfg.context_size == 128
+    assert cfg.max_vectors == 262_144 and cfg.batch_size == 4096 and cfg.epochs == 3  # 192 steps of 4096
+    assert cfg.sae.expansion == 8 and cfg.activations.cache == "disk"
+    check_config(cfg)
+
+
 @pytest.mark.parametrize("override, message", [
     ("layer=abc", "layer must be an integer >= 0, got 'abc'"),
     ("layer=-2", "layer=-2 is too small; it must be >= 0"),
