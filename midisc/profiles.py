@@ -86,12 +86,16 @@ def output_effects(w_dec: torch.Tensor, unembed: torch.Tensor, n: int = 10, bins
     chunk = max(1, _BLOCK_ELEMENTS // vocab)
     parts: list[tuple[torch.Tensor, ...]] = []
     for start in range(0, w_dec.shape[0], chunk):
-        effect = unembed @ w_dec[start:start + chunk].float().to(unembed.device).T  # [vocab, c]
-        up, down = effect.topk(n, dim=0), (-effect).topk(n, dim=0)
-        low, high = effect.min(0).values, effect.max(0).values
-        index = _binned(effect, low, high, bins) + torch.arange(effect.shape[1], device=effect.device)[None] * bins
-        heights = torch.bincount(index.flatten(), minlength=effect.shape[1] * bins).view(-1, bins)
-        parts.append((up.indices.T, up.values.T, down.indices.T, -down.values.T, heights,
+        # Features as rows [c, vocab]: topk and min/max then read contiguous memory (half the time of
+        # [vocab, c] columns for 4,608 features over 49k tokens), and the binning below works in place.
+        effect = w_dec[start:start + chunk].float().to(unembed.device) @ unembed.T
+        up, down = effect.topk(n, dim=1), effect.topk(n, dim=1, largest=False)
+        low, high = effect.aminmax(dim=1)
+        scale = bins / (high - low).clamp_min(1e-12)
+        index = effect.sub_(low[:, None]).mul_(scale[:, None]).to(torch.int64).clamp_(0, bins - 1)
+        index += torch.arange(effect.shape[0], device=effect.device)[:, None] * bins
+        heights = torch.bincount(index.flatten(), minlength=effect.shape[0] * bins).view(-1, bins)
+        parts.append((up.indices, up.values, down.indices, down.values, heights,
                       _centres(low.cpu(), high.cpu(), bins)))
     top_ids, top_values, bottom_ids, bottom_values, heights, centres = (torch.cat([p[i].cpu() for p in parts])
                                                                        for i in range(6))
