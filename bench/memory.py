@@ -8,11 +8,14 @@ Why: a run must stay within the machine's memory however large the corpus: the s
 Each run is `python -m midisc.train` in its own process (SmolLM2, the default SAE, epochs=2 so the second epoch
 reads the cache back; SQLite and the cache in a temporary folder), and its peak RSS is the kernel's own
 account from `os.wait4`. The knob is `max_samples`: the number of training documents, chosen here by tokenising
-the training split so that they hold at least N tokens. Pages of the disk cache's memory map that the second
-epoch reads count in RSS too (file-backed, reclaimable), so they are in the figure; the peak of anonymous
-memory beside it leaves them out.
+the training split so that they hold at least N tokens. The disk cache is read with pread into fresh buffers, so
+RSS holds no pages of the cache file; the peak of anonymous memory is shown beside it.
 
-    python bench/memory.py [--quick]    # --quick: the tiny random Llama, disk cache, two small sizes side by side
+`--set KEY=VALUE` adds overrides to every run. `--set layer=1` measures the same buffers and cache (d_model
+576 either way) with a forward pass 8× shorter than block 15's: the 1M-token runs then take minutes, not half
+an hour each.
+
+    python bench/memory.py [--quick] [--set KEY=VALUE]...   # --quick: tiny random Llama, disk cache, 2 sizes
 """
 
 from __future__ import annotations
@@ -119,6 +122,8 @@ def check(process: subprocess.Popen, folder: Path) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny random Llama, disk cache, two small sizes (tests)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override for every run, e.g. --set layer=1 (repeatable)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -127,7 +132,7 @@ def main() -> None:
                     f"data.path={tiny.write_texts(tmp / 'texts', 400)}", "data.holdout_texts=6"]
         else:
             base = list(SMOLLM2)
-        base += [f"storage.url=sqlite:///{tmp / 'runs.db'}", f"activations.cache_dir={tmp / 'cache'}"]
+        base += [f"storage.url=sqlite:///{tmp / 'runs.db'}", f"activations.cache_dir={tmp / 'cache'}", *args.set]
         sizes = QUICK_SIZES if args.quick else SIZES
         lengths = document_tokens(base)
         plan = {n: samples_for(lengths, n) for n in sizes}
