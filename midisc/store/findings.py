@@ -10,9 +10,10 @@ import operator
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import case, delete, insert, select
+from sqlalchemy import case, delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from midisc.store.bulk import insert_rows
 from midisc.store.tables import EXAMPLE_KINDS, ConceptScore, FeatureExample, TrainingRun, as_dict
 from midisc.store.values import finite_float, finite_float_list
 
@@ -136,9 +137,7 @@ class FindingsMixin:
             self._run(session, run_id)
             session.execute(delete(FeatureExample).where(FeatureExample.run_id == run_id))
             if rows:
-                # One Core executemany on the Table, as add_features does through the ORM: ORM objects
-                # would take tens of seconds for 150k rows, and the ORM's bulk path adds a second or two.
-                session.execute(insert(FeatureExample.__table__), rows)
+                insert_rows(session, FeatureExample.__table__, rows)
         return len(rows)
 
     def feature_examples(
@@ -202,7 +201,7 @@ class FindingsMixin:
                 delete(ConceptScore).where(ConceptScore.run_id == run_id, ConceptScore.concept == concept)
             )
             if clean:
-                session.execute(insert(ConceptScore), clean)
+                insert_rows(session, ConceptScore.__table__, clean)
         return len(clean)
 
     def concept_scores(self, run_id: int, concept: str | None = None) -> list[dict[str, Any]]:
