@@ -7,13 +7,22 @@ thread per process: on a machine whose cores are busy, two threads waiting on ea
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+
+
+def readme_benchmarks() -> dict[str, list[str]]:
+    """The README's `python bench/X.py ARGS` commands (its performance section): script name -> ARGS."""
+    lines = re.findall(r"^python bench/(\S+)(.*?)(?:\s+#.*)?$", (REPO / "README.md").read_text(), flags=re.M)
+    return {script: shlex.split(args) for script, args in lines}
 
 pytestmark = pytest.mark.slow  # about a minute in all: two of them start training runs
 
@@ -26,8 +35,10 @@ pytestmark = pytest.mark.slow  # about a minute in all: two of them start traini
     ("pipeline.py", {"default_run", "sweep"}),
 ])
 def test_quick_mode_ends_with_its_figures_as_json(script, keys, tmp_path):
+    """Each run with the options the README gives it, so the README's commands are the ones tested."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(BENCH / script), "--quick"], cwd=tmp_path, capture_output=True,
+    args = readme_benchmarks()[script]
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args, "--quick"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     figures = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -35,3 +46,19 @@ def test_quick_mode_ends_with_its_figures_as_json(script, keys, tmp_path):
     if "rows" in figures:
         assert figures["rows"] and isinstance(figures["targets_met"], bool)
     assert not list(tmp_path.iterdir()), "a benchmark left files in its working folder"
+
+
+def test_the_readme_shows_every_benchmark_that_runs_here():
+    scripts = {name for name, _ in test_quick_mode_ends_with_its_figures_as_json.pytestmark[0].args[1]}
+    assert set(readme_benchmarks()) == scripts
+
+
+def test_the_sparsify_comparison_says_how_to_install_it_when_it_is_missing(tmp_path):
+    """sparsify lives in its own environment (bench/vs_sparsify.py); without it, one line says so."""
+    stub = tmp_path / "sparsify.py"
+    stub.write_text("raise ImportError('no sparsify here')\n")  # shadows a sparsify installed in this environment
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    proc = subprocess.run([sys.executable, str(BENCH / "vs_sparsify.py"), "--batch", "64", "--d-in", "16"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        "sparsify is not installed here; see this script's docstring for a separate environment"], proc.stderr

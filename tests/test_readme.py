@@ -39,8 +39,9 @@ def first_of_sweep(word: str) -> str:
 
 
 def other_commands() -> list[str]:
+    """Every `python ...` line after the first two blocks, but the benchmarks: tests/test_bench.py runs those."""
     return [line.split("  #")[0].strip() for block in bash_blocks()[2:] for line in block.splitlines()
-            if line.startswith("python ")]
+            if line.startswith("python ") and not line.startswith("python bench/")]
 
 
 @pytest.mark.slow
