@@ -58,14 +58,16 @@ class SAEModule(L.LightningModule):
         self.register_buffer("input_scale", torch.tensor(1.0))  # s: the SAE sees x * s until FoldInputScale
         self.register_buffer("tokens_since_fired", torch.zeros(sae.W_dec.shape[0], dtype=torch.long))
         self._val = metrics.ReconstructionTotals()
+        self._b_dec_ready_seen = False  # the buffer, read once per process: reading it is a host sync on a GPU
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         x = batch.float()
-        if not self.b_dec_ready:
+        if not self._b_dec_ready_seen and not bool(self.b_dec_ready):  # a resumed run reads True once
             if self.normalize_input:
                 self.input_scale.fill_((x.shape[1] / x.pow(2).sum(1).mean().clamp_min(1e-12)).sqrt())
             self.sae.init_b_dec(x * self.input_scale, self.b_dec_init)
             self.b_dec_ready.fill_(True)
+        self._b_dec_ready_seen = True
         s = self.input_scale
         x = x * s
         dead_mask = self.tokens_since_fired >= self.dead_window
@@ -80,7 +82,7 @@ class SAEModule(L.LightningModule):
                 "lower optimizer.lr or check the activations for inf (activations.outlier_factor drops huge norms)")
         fired = (out.codes > 0).any(0)
         self.tokens_since_fired += len(x)
-        self.tokens_since_fired[fired] = 0
+        self.tokens_since_fired.masked_fill_(fired, 0)  # not [fired] = 0: boolean indexing syncs with a GPU
         fvu, l0, dead = metrics.fvu(x, out.x_hat), metrics.l0(out.codes), self.dead_frac()
         # MSE and L1 in the units of the raw activations, so runs with and without scaling compare.
         logged = {"train/loss": out.loss, "train/mse": out.mse / s**2, "train/fvu": fvu, "train/l0": l0,
