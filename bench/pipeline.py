@@ -1,6 +1,6 @@
 """End to end: where the default run's time goes, and what the disk activation cache saves a 6-job sweep.
 
-Why: the README promises about 5 minutes for the default run on 2 cores, and that a sweep on one layer runs
+Why: the README promises about 6 minutes for the default run on 2 cores, and that a sweep on one layer runs
 the language model once. This shows which phase to work on, and whether the cache pays for itself.
 
 Runs go through `midisc.train.train(cfg, folder)`, in this process, with the real config composed as the CLI
