@@ -11,6 +11,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 from tqdm.auto import tqdm
 
 from midisc.activations import ContextChunk
@@ -175,3 +176,19 @@ class Publisher(L.Callback):
             self.store.add_sae_model(self.recorder.run_id, path=str(self.written.saelens), d_in=sae.d_in,
                                      d_sae=sae.d_sae, architecture=getattr(sae, "saved_architecture", sae.architecture),
                                      checksum=sha256(self.written.saelens / WEIGHTS_FILENAME))
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar (Rich's draws nothing when output is not a terminal: CI, logs), moving every step but
+    reading the logged metrics only on logging steps: reading them is a host sync on a GPU, and the stock bar
+    reads them every step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._shown: dict = {}
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        every = trainer.log_every_n_steps
+        if not self._shown or not trainer.training or not every or trainer.global_step % every == 0:
+            self._shown = super().get_metrics(trainer, pl_module)
+        return self._shown

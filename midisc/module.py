@@ -21,10 +21,17 @@ import torch
 from midisc import metrics
 from midisc.resampling import resample_dead
 from midisc.sae import SparseAutoencoder
+from midisc.sparse_ops import DeadFeatures
 
 
 class NonFiniteLossError(ArithmeticError):
     """The training loss became NaN or inf; the message is one line saying when and what to try."""
+
+
+def dead_bound(n_dead: int, width: int) -> int:
+    """How many columns AuxK looks at until the dead count is read again: the count read now, plus room for a
+    quarter more, rounded up to a multiple of 64 so the shape changes seldom; 0 while none is dead."""
+    return 0 if n_dead <= 0 else min(width, -(-(n_dead + n_dead // 4 + 1) // 64) * 64)
 
 
 def lr_factor(step: int, total: int, warmup_steps: int = 0, decay_frac: float = 0.0) -> float:
@@ -58,7 +65,11 @@ class SAEModule(L.LightningModule):
         self.register_buffer("input_scale", torch.tensor(1.0))  # s: the SAE sees x * s until FoldInputScale
         self.register_buffer("tokens_since_fired", torch.zeros(sae.W_dec.shape[0], dtype=torch.long))
         self._val = metrics.ReconstructionTotals()
-        self._b_dec_ready_seen = False  # the buffer, read once per process: reading it is a host sync on a GPU
+        # What the host reads of the device, it reads once per process or on logging steps only: every read
+        # is a host sync on a GPU, which would otherwise stall it every step.
+        self._b_dec_ready_seen = False
+        self._dead_at_most: int | None = None  # a bound on the dead count, refreshed on logging steps
+        self._nonfinite: torch.Tensor | None = None  # (loss, step, epoch) of the first non-finite loss, on the device
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         x = batch.float()
@@ -71,15 +82,17 @@ class SAEModule(L.LightningModule):
         s = self.input_scale
         x = x * s
         dead_mask = self.tokens_since_fired >= self.dead_window
+        logging = self.logging_step()
         if self.resample_every and self.global_step and self.global_step % self.resample_every == 0:
             self.resample(x, dead_mask)
+            self._dead_at_most = None
+        if logging or self._dead_at_most is None:
+            self._dead_at_most = dead_bound(int(dead_mask.sum()), len(dead_mask))
         warm = min(1.0, (self.global_step + 1) / self.sparsity_warmup_steps) if self.sparsity_warmup_steps else 1.0
-        out = self.sae(x, sparsity_scale=warm, dead=dead_mask)
-        # Stop at once: after one NaN step Adam makes every weight NaN, and nothing after it means anything.
-        if not torch.isfinite(out.loss):
-            raise NonFiniteLossError(
-                f"the training loss became {float(out.loss)} at step {self.global_step} (epoch {self.current_epoch}); "
-                "lower optimizer.lr or check the activations for inf (activations.outlier_factor drops huge norms)")
+        out = self.sae(x, sparsity_scale=warm, dead=DeadFeatures(dead_mask, self._dead_at_most))
+        self._note_nonfinite(out.loss)
+        if logging:
+            self.raise_if_nonfinite()
         fired = (out.codes > 0).any(0)
         self.tokens_since_fired += len(x)
         self.tokens_since_fired.masked_fill_(fired, 0)  # not [fired] = 0: boolean indexing syncs with a GPU
@@ -91,8 +104,42 @@ class SAEModule(L.LightningModule):
             logged["train/aux_loss"] = out.aux
         self.log_dict(logged, on_step=True, on_epoch=True)
         self.log_dict({"fvu": fvu, "l0": l0, "dead": dead}, prog_bar=True, logger=False, on_step=True)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        if logging:  # a Python number becomes a device tensor in self.log: a host-to-device copy, which syncs
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return out.loss
+
+    def logging_step(self) -> bool:
+        """Whether Lightning's logger writes this step's metrics (its rule: every log_every_n_steps-th step)."""
+        every = self.trainer.log_every_n_steps
+        return every > 0 and (self.global_step + 1) % every == 0
+
+    @torch.no_grad()
+    def _note_nonfinite(self, loss: torch.Tensor) -> None:
+        """Keep the first non-finite loss with its step and epoch, on the device (no host sync)."""
+        if self._nonfinite is None or self._nonfinite.device != loss.device:
+            self._nonfinite = torch.tensor([0.0, -1.0, -1.0], dtype=torch.float64, device=loss.device)
+        record = self._nonfinite
+        now = torch.stack((loss.detach().double(), torch.full_like(record[0], self.global_step),
+                           torch.full_like(record[0], self.current_epoch)))
+        first = ~torch.isfinite(loss.detach()) & (record[1] < 0)
+        self._nonfinite = torch.where(first, now, record)
+
+    def nonfinite_error(self) -> NonFiniteLossError | None:
+        """The error to stop with if a loss so far was NaN or inf: after one such step Adam makes every weight NaN,
+        and nothing after it means anything. Read on logging steps and before every checkpoint."""
+        if self._nonfinite is None:
+            return None
+        loss, step, epoch = self._nonfinite.tolist()
+        if step < 0:
+            return None
+        return NonFiniteLossError(
+            f"the training loss became {loss} at step {int(step)} (epoch {int(epoch)}); lower optimizer.lr or check "
+            "the activations for inf (activations.outlier_factor drops huge norms)")
+
+    def raise_if_nonfinite(self) -> None:
+        error = self.nonfinite_error()
+        if error is not None:
+            raise error
 
     def resample(self, x: torch.Tensor, dead: torch.Tensor) -> None:
         """Give dead features a fresh start on inputs the SAE reconstructs worst (Anthropic 2023)."""
@@ -110,6 +157,9 @@ class SAEModule(L.LightningModule):
 
     def dead_frac(self) -> torch.Tensor:
         return metrics.dead_fraction(self.tokens_since_fired, self.dead_window)
+
+    def on_train_epoch_end(self) -> None:
+        self.raise_if_nonfinite()  # after the last logging step of an epoch (StopOnNonFiniteLoss checks earlier)
 
     def on_after_backward(self) -> None:
         if self.unit_norm_decoder:
@@ -142,8 +192,24 @@ class SAEModule(L.LightningModule):
 
 
 class FoldInputScale(L.Callback):
-    """Folds the module's input scale into the SAE when training ends. Put it first among the callbacks: Lightning
+    """Folds the module's input scale into the SAE when training ends. Put it before the other callbacks: Lightning
     calls callbacks before the module's own on_train_end, and every later one must see raw-unit weights."""
 
     def on_train_end(self, trainer: L.Trainer, pl_module: SAEModule) -> None:
         pl_module.fold_input_scale()
+
+
+class StopOnNonFiniteLoss(L.Callback):
+    """Raises the module's `NonFiniteLossError` before a later callback records or saves anything that followed
+    the bad step: at every epoch's end and every `every_n_steps` steps (give it the checkpoint interval). The
+    module itself checks on logging steps only, where reading the device costs nothing extra. Put it first."""
+
+    def __init__(self, every_n_steps: int = 0) -> None:
+        self.every_n_steps = every_n_steps
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: SAEModule, outputs, batch, batch_idx) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            pl_module.raise_if_nonfinite()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: SAEModule) -> None:
+        pl_module.raise_if_nonfinite()

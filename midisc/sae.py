@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from midisc import sparse_ops
-from midisc.sparse_ops import TopKEncoder
+from midisc.sparse_ops import DeadFeatures, TopKEncoder
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
@@ -103,10 +103,11 @@ class SparseAutoencoder(nn.Module):
         """The scalar to minimise, from the two reported terms; sparsity_scale multiplies the penalty's coefficient."""
         raise NotImplementedError(f"{type(self).__name__} must define objective()")
 
-    def forward(self, x: Tensor, *, sparsity_scale: float = 1.0, dead: Tensor | None = None) -> Output:
+    def forward(self, x: Tensor, *, sparsity_scale: float = 1.0, dead: Tensor | DeadFeatures | None = None) -> Output:
         """One pass over x [.., d_in]. Training passes two extras every architecture accepts:
         sparsity_scale (0..1, the warm-up of an L1/L0 coefficient; architectures without one ignore it) and
-        dead [d_sae] bool (features that have not fired lately, for AuxK; the others ignore it)."""
+        dead (features that have not fired lately, for AuxK; the others ignore it): a [d_sae] bool mask, or
+        `DeadFeatures`, the mask with a bound on its count that spares a GPU a host sync."""
         codes = self.encode(x)
         x_hat = self.decode(codes)
         mse = (x_hat - x.to(x_hat.dtype)).pow(2).mean()
@@ -279,12 +280,12 @@ class TopKSAE(SparseAutoencoder):
     def objective(self, mse: Tensor, l1: Tensor, sparsity_scale: float = 1.0) -> Tensor:
         return mse
 
-    def forward(self, x: Tensor, *, sparsity_scale: float = 1.0, dead: Tensor | None = None) -> Output:
+    def forward(self, x: Tensor, *, sparsity_scale: float = 1.0, dead: Tensor | DeadFeatures | None = None) -> Output:
         if not (torch.is_grad_enabled() and self.W_dec.requires_grad):
             return super().forward(x)  # inference: the dense sums SAELens computes, bit for bit
         return self._sparse_forward(x, dead)
 
-    def _sparse_forward(self, x: Tensor, dead: Tensor | None = None) -> Output:
+    def _sparse_forward(self, x: Tensor, dead: Tensor | DeadFeatures | None = None) -> Output:
         """The training pass, with the same value and gradients as the dense one for a fraction of the work.
 
         Dense, a step costs six [B, d_in] x [d_in, d_sae] products; here only the encoder's forward remains

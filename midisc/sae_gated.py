@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from midisc.sae import Output, SparseAutoencoder
+from midisc.sparse_ops import DeadFeatures
 
 # The tensors of SAELens's gated layout, in the order they are saved.
 GATED_TENSORS = ("W_enc", "W_dec", "b_dec", "b_gate", "r_mag", "b_mag")
@@ -76,7 +77,7 @@ class GatedSAE(SparseAutoencoder):
     def encode(self, x: Tensor) -> Tensor:
         return self._paths(self._shared(x))[1]
 
-    def forward(self, x: Tensor, *, sparsity_scale: float = 1.0, dead: Tensor | None = None) -> Output:
+    def forward(self, x: Tensor, *, sparsity_scale: float = 1.0, dead: Tensor | DeadFeatures | None = None) -> Output:
         """One pass; `dead` is accepted for the common signature and ignored (the gated loss has no AuxK).
 
         Units: SAELens sums squared errors over d_in (then means over the batch) for both the MSE and the

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from midisc import sparse_ops
 from midisc.sae import Output, SparseAutoencoder, _is_int, check_auxk
-from midisc.sparse_ops import BatchTopKEncoder
+from midisc.sparse_ops import BatchTopKEncoder, DeadFeatures
 
 
 def _positive_number(name: str, value: Any) -> float:
@@ -128,7 +128,7 @@ class JumpReLUSAE(SparseAutoencoder):
     def encode(self, x: Tensor) -> Tensor:
         return _JumpReLU.apply(self.pre_acts(x), self.threshold, self.bandwidth)
 
-    def forward(self, x: Tensor, *, sparsity_scale: float = 1.0, dead: Tensor | None = None) -> Output:
+    def forward(self, x: Tensor, *, sparsity_scale: float = 1.0, dead: Tensor | DeadFeatures | None = None) -> Output:
         pre, threshold = self.pre_acts(x), self.threshold
         codes = _JumpReLU.apply(pre, threshold, self.bandwidth)
         l0 = _Step.apply(pre, threshold, self.bandwidth).sum(dim=-1).mean()
@@ -205,14 +205,14 @@ class BatchTopKSAE(SparseAutoencoder):
         pre = self.pre_acts(x)
         return pre * (pre > self.threshold)  # threshold >= 0, so this is ReLU then the jump
 
-    def forward(self, x: Tensor, *, sparsity_scale: float = 1.0, dead: Tensor | None = None) -> Output:
+    def forward(self, x: Tensor, *, sparsity_scale: float = 1.0, dead: Tensor | DeadFeatures | None = None) -> Output:
         # Batch selection only when a gradient is wanted (TopKSAE's test): validation and analysis run without
         # one and see each token alone. Not self.training: Lightning keeps an SAE handed over in eval mode so.
         if not (torch.is_grad_enabled() and self.W_dec.requires_grad):
             return _output(self, x, self.encode(x))
         return self._sparse_forward(x, dead)
 
-    def _sparse_forward(self, x: Tensor, dead: Tensor | None) -> Output:
+    def _sparse_forward(self, x: Tensor, dead: Tensor | DeadFeatures | None) -> Output:
         """The training pass: the k·B largest ReLU'd pre-activations of the batch, computed over the selected
         entries only, as TopKSAE's pass is (see sparse_ops). Selecting on raw pre-activations and then taking the
         ReLU keeps the same entries wherever k·B of them are positive; where fewer are, the extra ones are 0
@@ -228,7 +228,7 @@ class BatchTopKSAE(SparseAutoencoder):
             if self.aux_k_coef else None
         with torch.no_grad():
             codes = flat.new_zeros(len(flat), self.d_sae).index_put_((tokens, features), values)
-            self._update_threshold(codes)
+            self._update_threshold(values)
             l1 = (values * self.W_dec.norm(dim=1)[features]).sum() / len(flat)
         loss = mse if aux is None else mse + self.aux_k_coef * aux
         shape = x.shape[:-1]
@@ -236,15 +236,18 @@ class BatchTopKSAE(SparseAutoencoder):
                       mse=mse, l1=l1, aux=aux)
 
     @torch.no_grad()
-    def _update_threshold(self, codes: Tensor) -> None:
-        kept = codes[codes > 0]
-        if kept.numel() == 0:
-            return
-        smallest = kept.min().to(torch.float64)
+    def _update_threshold(self, values: Tensor) -> None:
+        """Move the inference threshold towards the smallest positive code of this batch (values: the selected
+        entries). Only device operations: reading a tensor back here would stall a GPU every step."""
+        kept = values > 0
+        smallest = torch.where(kept, values, math.inf).amin().to(torch.float64)  # inf when nothing was kept
         # Start at the first value rather than at 0, which an EMA would take ~1/lr steps to forget.
-        lr = self.threshold_lr if bool(self.threshold_seen) else 1.0
-        self.running_threshold.mul_(1 - lr).add_(lr * smallest)
-        self.threshold_seen.fill_(True)
+        rate = torch.where(self.threshold_seen, torch.full_like(self.running_threshold, self.threshold_lr),
+                           torch.ones_like(self.running_threshold))
+        moved = self.running_threshold * (1 - rate) + rate * smallest
+        any_kept = kept.any()
+        self.running_threshold.copy_(torch.where(any_kept, moved, self.running_threshold))
+        self.threshold_seen.logical_or_(any_kept)
 
     @torch.no_grad()
     def fold_input_scale(self, scale: float) -> None:

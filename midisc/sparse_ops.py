@@ -15,6 +15,7 @@ Nothing here knows about SAEs: plain tensors in, tensors out, and AuxK's loss (G
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -90,15 +91,39 @@ class BatchTopKEncoder(torch.autograd.Function):
         return grad_x, grad_W, grad_shift, None
 
 
-def sparse_auxk(x: Tensor, W_enc: Tensor, shift: Tensor, W_dec: Tensor, dead: Tensor | None, aux_k: int,
-                residual: Tensor) -> Tensor | None:
+@dataclass(frozen=True)
+class DeadFeatures:
+    """Features that have not fired lately: `mask` [width] bool, and `at_most`, a bound on how many there are
+    that the host already knows. With it, AuxK gathers their columns in a shape the host can size without
+    reading the mask back, a host sync on a GPU; a bare mask is counted exactly instead, with one sync."""
+    mask: Tensor
+    at_most: int
+
+
+def sparse_auxk(x: Tensor, W_enc: Tensor, shift: Tensor, W_dec: Tensor, dead: Tensor | DeadFeatures | None,
+                aux_k: int, residual: Tensor) -> Tensor | None:
     """AuxK for a sparse training pass: the dead features' pre-activations x @ W_enc[:, dead] + shift[dead] (a
-    product over only their columns), then `auxk_from_top`. None when no feature is dead."""
-    if dead is None or not bool(dead.any()):
+    product over only their columns), then `auxk_from_top`. None when no feature is (known to be) dead.
+
+    Given `DeadFeatures`, the columns are the `at_most` features that `mask` ranks first, every dead one among them
+    when there are no more than `at_most`; those that are alive get a pre-activation of -inf, which the ReLU turns
+    into a zero that carries no gradient. The result equals the exact one whenever the bound holds."""
+    if dead is None:
         return None
-    ids = dead.nonzero().squeeze(1)
-    values, indices = TopKEncoder.apply(x, W_enc[:, ids], shift[ids], min(aux_k, len(ids)))
-    return auxk_from_top(values, ids[indices], residual, W_dec, len(ids), aux_k)
+    if isinstance(dead, DeadFeatures):
+        if dead.at_most <= 0:
+            return None
+        mask = dead.mask
+        ids = mask.float().topk(min(dead.at_most, len(mask)), sorted=False).indices
+        n_dead: Tensor | int = mask.sum()
+        columns_shift = shift[ids].masked_fill(~mask[ids], -math.inf)
+    else:
+        if not bool(dead.any()):
+            return None
+        ids = dead.nonzero().squeeze(1)
+        n_dead, columns_shift = len(ids), shift[ids]
+    values, indices = TopKEncoder.apply(x, W_enc[:, ids], columns_shift, min(aux_k, len(ids)))
+    return auxk_from_top(values, ids[indices], residual, W_dec, n_dead, aux_k)
 
 
 def decode(indices: Tensor, values: Tensor, W_dec: Tensor, offsets: Tensor | None = None) -> Tensor:
@@ -116,10 +141,13 @@ def auxk_loss(pre: Tensor, residual: Tensor, W_dec: Tensor, dead: Tensor | None,
     return auxk_from_top(top.values, top.indices, residual, W_dec, int(dead.sum()), aux_k)
 
 
-def auxk_from_top(values: Tensor, indices: Tensor, residual: Tensor, W_dec: Tensor, n_dead: int, aux_k: int) -> Tensor:
+def auxk_from_top(values: Tensor, indices: Tensor, residual: Tensor, W_dec: Tensor, n_dead: int | Tensor,
+                  aux_k: int) -> Tensor:
     """The aux_k largest pre-activations among dead features (values, indices [B, ≤aux_k]) reconstruct the
     main reconstruction's error residual [B, d_in], so dead features get a gradient pointing them at what the
     live ones miss. Mean squared error over elements, like the main MSE, scaled down when fewer than aux_k
     features are dead (as sparsify does)."""
     e_hat = decode(indices, torch.relu(values), W_dec)
-    return min(n_dead / aux_k, 1.0) * (e_hat - residual.detach()).pow(2).mean()
+    scale = n_dead / aux_k  # a tensor when the count stays on the device
+    scale = scale.clamp(max=1.0) if isinstance(scale, Tensor) else min(scale, 1.0)
+    return scale * (e_hat - residual.detach()).pow(2).mean()

@@ -27,7 +27,6 @@ import hydra
 import lightning as L
 import torch
 from dotenv import load_dotenv
-from lightning.pytorch.callbacks import TQDMProgressBar
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.errors import InstantiationException
@@ -39,14 +38,14 @@ from midisc import corpus, lm
 from midisc.activation_cache import CacheError, SharedCache, cache_bytes
 from midisc.activations import (ActivationStream, ContextChunk, MemoryCache, harvest, harvest_contexts, keep_mask,
                                 take_rows)
-from midisc.callbacks import CURVES_FILENAME, Evaluator, Publisher, RunRecorder
+from midisc.callbacks import CURVES_FILENAME, Evaluator, ProgressBar, Publisher, RunRecorder
 from midisc.checkpoints import (CHECKPOINT_DIR, Checkpointer, RunLock, checkpoint_step, last_checkpoint,
                                 trainer_position, trim_curves)
 from midisc.corpus import CorpusError
 from midisc.export import run_info
 from midisc.features import frequency_bins
 from midisc.lm import ModelError
-from midisc.module import FoldInputScale, NonFiniteLossError, SAEModule
+from midisc.module import FoldInputScale, NonFiniteLossError, SAEModule, StopOnNonFiniteLoss
 from midisc.redaction import redact_log_records, redact_text, scrub_hydra_files
 from midisc.store import Store, StoreError, UnknownRunError, redact_url
 from midisc.store.engine import postgres_url_from_env
@@ -290,11 +289,12 @@ def _train(cfg: DictConfig, output_dir: Path, store: Store | None, run_id: int |
                           cfg.activations.outlier_factor, cfg.evaluate.contexts,
                           {"model_name": cfg.model.name, "hook_name": hook, "context_size": cfg.context_size,
                            "dataset": "held-out texts of the run", "exclude_special_tokens_from_reconstruction": True})
-    # In this order: the evaluator and publisher read the recorder's results, the publisher the evaluator's
-    # headline, and an epoch's row is written before its checkpoint.
-    callbacks: list[L.Callback] = [FoldInputScale(), recorder, evaluator, checkpointer, publisher]
+    # In this order: a NaN loss stops the run before anything records it, the evaluator and publisher read the
+    # recorder's results, the publisher the evaluator's headline, and an epoch's row is written before its checkpoint.
+    callbacks: list[L.Callback] = [StopOnNonFiniteLoss(cfg.checkpoint_every), FoldInputScale(), recorder, evaluator,
+                                   checkpointer, publisher]
     if cfg.trainer.enable_progress_bar:
-        callbacks.append(TQDMProgressBar())  # Rich's bar draws nothing when output is not a terminal (CI, logs)
+        callbacks.append(ProgressBar())
     trainer = instantiate(cfg.trainer, default_root_dir=str(output_dir), logger=make_loggers(cfg, output_dir) or False,
                           callbacks=callbacks)
     stream.position = trainer_position(trainer)

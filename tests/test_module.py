@@ -163,3 +163,103 @@ def test_resample_every_revives_dead_relu_features():
     fit(module, sparse_data(n=4))  # steps 0..3: dead after step 1 (256 tokens), resampled at step 3
     assert (sae.b_enc[:8] > -1).all()  # b_enc restarted at 0, then trained
     assert (module.tokens_since_fired[:8] <= 128).all()  # and they fired at once, or their window restarted
+
+
+# --- no host syncs in the hot loop ---------------------------------------------------------------
+from midisc.callbacks import ProgressBar  # noqa: E402
+from midisc.module import NonFiniteLossError, StopOnNonFiniteLoss, dead_bound  # noqa: E402
+from midisc.sae_gated import GatedSAE  # noqa: E402
+from midisc.sae_jump import BatchTopKSAE, JumpReLUSAE  # noqa: E402
+
+LOG_EVERY = 4
+# What makes the host wait for a GPU: reading a value back, indexing by a mask (its size is data) and nonzero.
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "nonzero")
+
+
+class HostReads(L.Callback):
+    """Counts, per training step, the calls that would read a device tensor back to the host."""
+
+    def __init__(self, monkeypatch):
+        self.active, self.per_step, self.step = False, {}, 0
+        for name in HOST_READS:
+            monkeypatch.setattr(torch.Tensor, name, self._counted(getattr(torch.Tensor, name), name))
+        getitem = torch.Tensor.__getitem__
+
+        def masked_getitem(tensor, index):
+            if isinstance(index, torch.Tensor) and index.dtype == torch.bool:
+                self._count("boolean mask index")
+            return getitem(tensor, index)
+        monkeypatch.setattr(torch.Tensor, "__getitem__", masked_getitem)
+
+    def _count(self, what):
+        if self.active:
+            self.per_step.setdefault(self.step, []).append(what)
+
+    def _counted(self, method, name):
+        def wrapper(tensor, *args, **kwargs):
+            # Adam's step counter is a CPU tensor on every device (unless capturable): reading it costs no sync.
+            if not (name == "item" and "optimizer.py" in __import__("traceback").extract_stack(limit=2)[0].filename):
+                self._count(name)
+            return method(tensor, *args, **kwargs)
+        return wrapper
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.step, self.active = trainer.global_step, True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.active = False
+
+
+@pytest.mark.parametrize("sae", [TopKSAE(16, 4, k=4, seed=0), BatchTopKSAE(16, 4, k=4, seed=0),
+                                 ReluSAE(16, 4, l1_coef=1e-3, seed=0), JumpReLUSAE(16, 4, seed=0),
+                                 GatedSAE(16, 4, seed=0)], ids=lambda sae: type(sae).__name__)
+def test_between_logging_steps_a_training_step_reads_nothing_back_from_the_device(sae, monkeypatch):
+    if hasattr(sae, "aux_k"):
+        with torch.no_grad():
+            sae.W_enc[:, :8] = 0
+            sae.b_enc[:8] = -100  # dead from the start, so AuxK has work once the window has passed
+    module = SAEModule(sae, lambda params: torch.optim.Adam(params, lr=1e-3), dead_window=256, normalize_input=True,
+                       lr_warmup_steps=2, lr_decay_frac=0.3, sparsity_warmup_steps=5)
+    reads = HostReads(monkeypatch)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_model_summary=False,
+                        accelerator="cpu", log_every_n_steps=LOG_EVERY, callbacks=[ProgressBar(), reads])
+    trainer.fit(module, DataLoader(sparse_data(n=17), batch_size=None))
+    logging_steps = {step for step in range(17) if (step + 1) % LOG_EVERY == 0}
+    assert reads.per_step.get(0), "the probe saw nothing: it no longer hooks what it should"  # the first step sets up
+    assert {step: what for step, what in reads.per_step.items() if step and step not in logging_steps} == {}
+    if hasattr(sae, "aux_k"):
+        assert "train/aux_loss_epoch" in trainer.callback_metrics  # AuxK ran, on the sync-free path
+
+
+def test_dead_bound_leaves_room_and_changes_seldom():
+    assert dead_bound(0, 4608) == 0
+    assert dead_bound(1, 4608) == dead_bound(40, 4608) == 64
+    assert dead_bound(100, 4608) == 128 and dead_bound(4000, 4608) == 4608
+
+
+class Poisoned(SAEModule):
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch * float("nan") if batch_idx == self.bad_step else batch, batch_idx)
+
+
+class EpochEnds(L.Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.seen.append(trainer.current_epoch)
+
+
+@pytest.mark.parametrize("bad_step", [1, 9])  # before a logging step; after the epoch's last one
+def test_a_nan_loss_is_reported_with_its_step_before_any_later_callback_sees_the_epoch(bad_step):
+    module = Poisoned(TopKSAE(16, 4, k=4, seed=0), lambda params: torch.optim.Adam(params, lr=1e-3))
+    module.bad_step = bad_step
+    later = EpochEnds()
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_model_summary=False,
+                        enable_progress_bar=False, accelerator="cpu", log_every_n_steps=LOG_EVERY,
+                        callbacks=[StopOnNonFiniteLoss(), later])
+    with pytest.raises(NonFiniteLossError, match=rf"^the training loss became nan at step {bad_step} \(epoch 0\); "):
+        trainer.fit(module, DataLoader(sparse_data(n=10), batch_size=None))
+    assert later.seen == []
+    # Stopped at the first read after it: in the next logging step's training_step, or at the epoch's end.
+    assert trainer.global_step == (LOG_EVERY - 1 if bad_step < LOG_EVERY else 10)

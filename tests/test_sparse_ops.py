@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+
+import pytest
 import torch
 
 from midisc.sae import SparseAutoencoder, TopKSAE
 from midisc.sae_jump import BatchTopKSAE
-from midisc.sparse_ops import BatchTopKEncoder, TopKEncoder, auxk_loss, decode
+from midisc.sparse_ops import BatchTopKEncoder, DeadFeatures, TopKEncoder, auxk_loss, decode, sparse_auxk
 
 
 def test_topk_encoder_passes_gradcheck_in_double():
@@ -42,7 +45,18 @@ def test_decode_reads_the_selected_rows():
     torch.testing.assert_close(decode(indices, values, W_dec), want)
 
 
-def test_topk_training_pass_with_auxk_matches_the_dense_auxk():
+def as_given(dead, given):
+    """The dead mask as training passes it: bare (counted exactly) or with a bound the host knows."""
+    n = int(dead.sum())
+    return {"mask": dead, "exact bound": DeadFeatures(dead, n), "loose bound": DeadFeatures(dead, n + 7),
+            "whole width": DeadFeatures(dead, len(dead))}[given]
+
+
+GIVEN = ["mask", "exact bound", "loose bound", "whole width"]
+
+
+@pytest.mark.parametrize("given", GIVEN)
+def test_topk_training_pass_with_auxk_matches_the_dense_auxk(given):
     sae = TopKSAE(16, 4, k=4, seed=3)
     with torch.no_grad():
         sae.b_dec.normal_()
@@ -54,7 +68,7 @@ def test_topk_training_pass_with_auxk_matches_the_dense_auxk():
     def grads(sparse: bool):
         sae.zero_grad()
         if sparse:
-            out = sae(x, dead=dead)
+            out = sae(x, dead=as_given(dead, given))
             loss, aux = out.loss, out.aux
         else:
             dense = SparseAutoencoder.forward(sae, x)
@@ -77,7 +91,8 @@ def test_batch_topk_encoder_passes_gradcheck_in_double():
     assert torch.autograd.gradcheck(lambda *a: BatchTopKEncoder.apply(*a, 7)[0], (x, W, shift))
 
 
-def test_batchtopk_training_pass_matches_the_dense_definition():
+@pytest.mark.parametrize("given", GIVEN)
+def test_batchtopk_training_pass_matches_the_dense_definition(given):
     # Dense: ReLU every pre-activation, keep the k·B largest of the batch, decode with a full product.
     sae = BatchTopKSAE(16, 4, k=3, seed=4)
     with torch.no_grad():
@@ -99,7 +114,7 @@ def test_batchtopk_training_pass_matches_the_dense_definition():
     for sparse in (True, False):
         sae.zero_grad()
         if sparse:
-            out = sae(x, dead=dead)
+            out = sae(x, dead=as_given(dead, given))
             codes, x_hat, loss = out.codes, out.x_hat, out.loss
         else:
             codes, x_hat, loss = dense_pass()
@@ -107,3 +122,20 @@ def test_batchtopk_training_pass_matches_the_dense_definition():
         results.append([codes.detach(), x_hat.detach(), loss.detach()] + [p.grad.clone() for p in sae.parameters()])
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_auxk_with_a_bound_of_zero_is_off_and_a_bound_too_small_keeps_the_most_dead_it_can():
+    g = torch.Generator().manual_seed(5)
+    x, W_enc, W_dec = torch.randn(8, 4, generator=g), torch.randn(4, 12, generator=g), torch.randn(12, 4, generator=g)
+    shift, residual = torch.randn(12, generator=g), torch.randn(8, 4, generator=g)
+    dead = torch.zeros(12, dtype=torch.bool)
+    dead[[2, 5, 7]] = True
+    assert sparse_auxk(x, W_enc, shift, W_dec, DeadFeatures(dead, 0), 2, residual) is None
+    # A bound of 2 with 3 dead (features that died since the count was read): AuxK over two of them.
+    two = sparse_auxk(x, W_enc, shift, W_dec, DeadFeatures(dead, 2), 2, residual)
+    pairs = []
+    for pair in itertools.combinations([2, 5, 7], 2):
+        mask = torch.zeros(12, dtype=torch.bool)
+        mask[list(pair)] = True
+        pairs.append(sparse_auxk(x, W_enc, shift, W_dec, mask, 2, residual))
+    assert any(torch.allclose(two, exact) for exact in pairs)
