@@ -47,7 +47,7 @@ class TopKEncoder(torch.autograd.Function):
         top = torch.addmm(shift, x, W).topk(k, dim=-1)
         ctx.save_for_backward(x, W, top.indices)
         ctx.mark_non_differentiable(top.indices)
-        return top.values, top.indices
+        return top.values.to(W.dtype), top.indices  # under autocast the product is bf16; all after it keeps W's dtype
 
     @staticmethod
     def backward(ctx: Any, grad_values: Tensor, _: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
@@ -75,7 +75,7 @@ class BatchTopKEncoder(torch.autograd.Function):
         tokens, features = torch.div(flat, W.shape[1], rounding_mode="floor"), flat % W.shape[1]
         ctx.save_for_backward(x, W, tokens, features)
         ctx.mark_non_differentiable(tokens, features)
-        return top.values[order], tokens, features
+        return top.values[order].to(W.dtype), tokens, features  # W's dtype even under autocast, as TopKEncoder
 
     @staticmethod
     def backward(ctx: Any, grad_values: Tensor, *_: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:

@@ -139,3 +139,18 @@ def test_auxk_with_a_bound_of_zero_is_off_and_a_bound_too_small_keeps_the_most_d
         mask[list(pair)] = True
         pairs.append(sparse_auxk(x, W_enc, shift, W_dec, mask, 2, residual))
     assert any(torch.allclose(two, exact) for exact in pairs)
+
+
+@pytest.mark.parametrize("cls", [TopKSAE, BatchTopKSAE])
+def test_a_training_pass_under_bf16_autocast_keeps_float32_weights_and_gradients(cls):
+    """trainer.precision=bf16-mixed: the encoder product runs in bf16, everything sparse after it in float32."""
+    sae = cls(16, 4, k=4, seed=0)
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(0))
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[:10] = True
+    reference = sae(x, dead=dead)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sae(x, dead=DeadFeatures(dead, 16))
+    out.loss.backward()
+    assert out.x_hat.dtype == torch.float32 and all(p.grad.dtype == torch.float32 for p in sae.parameters())
+    torch.testing.assert_close(out.loss, reference.loss, rtol=0.05, atol=0)  # bf16 keeps ~3 significant digits
