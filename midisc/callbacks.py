@@ -77,8 +77,11 @@ class RunRecorder(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         if trainer.global_step % trainer.log_every_n_steps and not trainer.is_last_batch:
             return
-        values = {name.removesuffix("_step"): float(value) for name, value in trainer.callback_metrics.items()
-                  if name.endswith("_step") and name.removesuffix("_step") in CURVE_METRICS}
+        logged = trainer.callback_metrics
+        # A metric logged per step and per epoch is here as name_step; one logged per step only (the lr) bare.
+        values = {name.removesuffix("_step"): float(value) for name, value in logged.items()
+                  if name.removesuffix("_step") in CURVE_METRICS
+                  and (name.endswith("_step") or name + "_step" not in logged)}
         write_header = not self.curves.exists()
         with open(self.curves, "a", newline="") as f:  # appended as it goes: a crashed run keeps its curve
             writer = csv.DictWriter(f, fieldnames=["step", "epoch", *CURVE_METRICS], restval="")

@@ -104,7 +104,9 @@ class SAEModule(L.LightningModule):
             logged["train/aux_loss"] = out.aux
         self.log_dict(logged, on_step=True, on_epoch=True)
         self.log_dict({"fvu": fvu, "l0": l0, "dead": dead}, prog_bar=True, logger=False, on_step=True)
-        if logging:  # a Python number becomes a device tensor in self.log: a host-to-device copy, which syncs
+        # Where the curve file reads it. A Python number becomes a device tensor in self.log: a host-to-device copy,
+        # which syncs.
+        if logging or self.trainer.is_last_batch:
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return out.loss
 

@@ -1,5 +1,6 @@
 """End to end: the real entry point on tiny random models, in-process and as a user runs it."""
 
+import csv
 import json
 import logging
 import signal
@@ -54,7 +55,8 @@ def check_recorded(url, result, epochs=2):
     assert (result.sae_dir / "sparsity.safetensors").is_file() and (out / "probe.safetensors").is_file()
     assert (out / f"run-{result.run_id}_neuronpedia" / "feature_analysis.json").is_file()
     assert len(list(out.glob("exports/*/*/features/batch-*.jsonl.gz"))) == -(-result.sae.d_sae // 128)
-    assert (out / "curves.csv").read_text().startswith("step,epoch,train/loss")
+    curves = list(csv.DictReader(open(out / "curves.csv")))
+    assert curves and all(float(row["train/loss"]) > 0 and 0 < float(row["train/lr"]) for row in curves)
     return run
 
 
