@@ -11,6 +11,8 @@ gradients are computed.
   matmul, MSE (+ the same decoder-norm-weighted L1), backward, the same decoder-norm upkeep, Adam step.
 
 Rounds alternate the two sides so a busy machine slows both alike; each figure is the median over rounds.
+Every size runs in float32 and under bf16 autocast (on a CPU too: those with bf16 instructions gain from it);
+the last column is what autocast buys midisc's step. Whether bf16 keeps the FVU is bench/precision.py's question.
 
     python bench/sae_step.py [--quick] [--device cpu|cuda]
 """
@@ -112,7 +114,7 @@ def measure(arch: str, d_in: int, bf16: bool, args) -> dict:
     dense = DenseSAE(sae, K if arch == "topk" else None)
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randn(args.batch, d_in, generator=generator).to(args.device) for _ in range(2)]
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else nullcontext
+    autocast = (lambda: torch.autocast(args.device, dtype=torch.bfloat16)) if bf16 else nullcontext
     steps = {"midisc": midisc_step(sae, autocast), "dense": dense_step(dense, autocast)}
     speeds: dict[str, list[float]] = {name: [] for name in steps}
     try:
@@ -139,13 +141,17 @@ def main() -> None:
     else:
         sizes, args.batch, args.warmup = (576, 1024, 2560) if on_gpu else (576, 1024), 4096, 3
         args.steps, args.rounds = (20, 5) if on_gpu else (5, 3)
-    rows = [measure(arch, d_in, bf16, args) for bf16 in ((False, True) if on_gpu else (False,))
-            for d_in in sizes for arch in ("relu", "topk")]
+    rows = [measure(arch, d_in, bf16, args) for bf16 in (False, True) for d_in in sizes for arch in ("relu", "topk")]
+    float32 = {(r["arch"], r["d_in"]): r.get("midisc_tok_s") for r in rows if r["dtype"] == "float32"}
+    for r in rows:  # what bf16 autocast buys midisc's own step
+        base = float32[r["arch"], r["d_in"]]
+        r["vs_float32"] = r["midisc_tok_s"] / base if base and r.get("midisc_tok_s") else None
     table(f"SAE training step, batch {args.batch}, expansion {EXPANSION}, k={K}, on {args.device} "
           f"(torch threads {torch.get_num_threads()})",
-          ["arch", "d_in", "d_sae", "dtype", "midisc tok/s", "dense tok/s", "ratio", "target", "result"],
+          ["arch", "d_in", "d_sae", "dtype", "midisc tok/s", "dense tok/s", "ratio", "target", "result",
+           "midisc vs float32"],
           [[r["arch"], r["d_in"], r["d_sae"], r["dtype"], r.get("midisc_tok_s"), r.get("dense_tok_s"),
-            r.get("ratio", r.get("error")), f"≥ {r['target']}×", r["pass"]] for r in rows])
+            r.get("ratio", r.get("error")), f"≥ {r['target']}×", r["pass"], r["vs_float32"]] for r in rows])
     result({"rows": rows, "targets_met": all(r["pass"] for r in rows), "device": args.device, "batch": args.batch})
 
 

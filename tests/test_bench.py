@@ -24,7 +24,7 @@ def readme_benchmarks() -> dict[str, list[str]]:
     lines = re.findall(r"^python bench/(\S+)(.*?)(?:\s+#.*)?$", (REPO / "README.md").read_text(), flags=re.M)
     return {script: shlex.split(args) for script, args in lines}
 
-pytestmark = pytest.mark.slow  # about a minute in all: two of them start training runs
+pytestmark = pytest.mark.slow  # about a minute in all: three of them start training runs
 
 
 # The benchmarks that run here, and the keys of the JSON line each ends with.
@@ -34,6 +34,7 @@ QUICK_KEYS = {
     "db_write.py": {"rows", "targets_met"},
     "memory.py": {"rows", "targets_met"},
     "pipeline.py": {"default_run", "sweep"},
+    "precision.py": {"runs", "fvu_change", "step_speedup", "pass"},
 }
 
 
