@@ -37,7 +37,7 @@ from omegaconf import OmegaConf
 from midisc import corpus, lm
 
 import tiny
-from output import result, table
+from output import add_overrides, result, table
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = 1.25  # peak RSS at the largest size / at the one before it, with the disk cache
@@ -122,14 +122,12 @@ def check(process: subprocess.Popen, folder: Path) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny random Llama, disk cache, two small sizes (tests)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="an override for every run, e.g. --set layer=1 (repeatable)")
+    add_overrides(parser, "layer=1")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if args.quick:
-            base = ["experiment=tiny", f"model.name={tiny.build_model(tmp / 'model')}",
-                    f"data.path={tiny.write_texts(tmp / 'texts', 400)}", "data.holdout_texts=6"]
+            base = [*tiny.run_overrides(tmp, 400), "data.holdout_texts=6"]
         else:
             base = list(SMOLLM2)
         base += [f"storage.url=sqlite:///{tmp / 'runs.db'}", f"activations.cache_dir={tmp / 'cache'}", *args.set]

@@ -8,6 +8,12 @@ import sys
 from collections.abc import Sequence
 
 
+def add_overrides(parser: argparse.ArgumentParser, example: str) -> None:
+    """--set KEY=VALUE (repeatable): Hydra overrides for every run a benchmark starts."""
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"an override for every run, e.g. --set {example} (repeatable)")
+
+
 def add_device(parser: argparse.ArgumentParser) -> None:
     """--device cpu|cuda, cuda when this torch sees a GPU; refused when it does not."""
     import torch

@@ -41,7 +41,7 @@ from midisc import callbacks, corpus, lm
 from midisc.store import Store
 
 import tiny
-from output import result, table
+from output import add_overrides, result, table
 
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ("load", "harvest", "train", "analysis", "export", "database", "other")
@@ -128,16 +128,14 @@ def sweep(base: list[str], ks: tuple[int, ...], cache: str, folder: Path) -> dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the tiny random Llama, a 2-job sweep (for tests)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="an override for every run, e.g. --set epochs=1 (repeatable)")
+    add_overrides(parser, "epochs=1")
     args = parser.parse_args()
     midisc.train.quiet_lightning()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         base = [f"storage.url=sqlite:///{tmp / 'runs.db'}", "trainer.enable_progress_bar=false"]
         if args.quick:
-            base += ["experiment=tiny", f"model.name={tiny.build_model(tmp / 'model')}",
-                     f"data.path={tiny.write_texts(tmp / 'texts', 60)}"]
+            base += tiny.run_overrides(tmp, 60)
         base += args.set
         ks = QUICK_SWEEP_K if args.quick else SWEEP_K
         default = timed_run([*base, f"activations.cache_dir={tmp / 'cache'}"], tmp / "default")

@@ -29,7 +29,7 @@ from hydra import compose, initialize_config_dir
 import midisc.train
 
 import tiny
-from output import result, table
+from output import add_overrides, result, table
 
 REPO = Path(__file__).resolve().parents[1]
 PRECISIONS = ("32-true", "bf16-mixed")
@@ -74,8 +74,7 @@ def run(overrides: list[str], folder: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the tiny random Llama (for tests)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="an override for both runs, e.g. --set sae=relu (repeatable)")
+    add_overrides(parser, "sae=relu")
     args = parser.parse_args()
     midisc.train.quiet_lightning()
     with tempfile.TemporaryDirectory() as tmp:
@@ -83,8 +82,7 @@ def main() -> None:
         base = [f"storage.url=sqlite:///{tmp / 'runs.db'}", "trainer.enable_progress_bar=false",
                 "activations.cache=disk", f"activations.cache_dir={tmp / 'cache'}"]
         if args.quick:
-            base += ["experiment=tiny", "epochs=2", f"model.name={tiny.build_model(tmp / 'model')}",
-                     f"data.path={tiny.write_texts(tmp / 'texts', 60)}"]
+            base += [*tiny.run_overrides(tmp, 60), "epochs=2"]
         else:
             base += ["experiment=reference"]
         base += args.set

@@ -55,3 +55,9 @@ def build_model(folder: Path, layers: int = 4, hidden: int = 64) -> Path:
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     return folder
+
+
+def run_overrides(folder: Path, texts: int) -> list[str]:
+    """The overrides that point a `midisc.train` run at a fresh tiny model and `texts` documents in folder."""
+    return ["experiment=tiny", f"model.name={build_model(folder / 'model')}",
+            f"data.path={write_texts(folder / 'texts', texts)}"]
