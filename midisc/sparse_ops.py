@@ -105,25 +105,21 @@ def sparse_auxk(x: Tensor, W_enc: Tensor, shift: Tensor, W_dec: Tensor, dead: Te
     """AuxK for a sparse training pass: the dead features' pre-activations x @ W_enc[:, dead] + shift[dead] (a
     product over only their columns), then `auxk_from_top`. None when no feature is (known to be) dead.
 
-    Given `DeadFeatures`, the columns are the `at_most` features that `mask` ranks first, every dead one among them
-    when there are no more than `at_most`; those that are alive get a pre-activation of -inf, which the ReLU turns
-    into a zero that carries no gradient. The result equals the exact one whenever the bound holds."""
+    The columns are the `at_most` features that the mask ranks first, every dead one among them when there are
+    no more than `at_most`; those that are alive get a pre-activation of -inf, which the ReLU turns into a zero
+    that carries no gradient. The result equals the exact one whenever the bound holds; a bare mask is given
+    its exact count as the bound."""
     if dead is None:
         return None
-    if isinstance(dead, DeadFeatures):
-        if dead.at_most <= 0:
-            return None
-        mask = dead.mask
-        ids = mask.float().topk(min(dead.at_most, len(mask)), sorted=False).indices
-        n_dead: Tensor | int = mask.sum()
-        columns_shift = shift[ids].masked_fill(~mask[ids], -math.inf)
-    else:
-        if not bool(dead.any()):
-            return None
-        ids = dead.nonzero().squeeze(1)
-        n_dead, columns_shift = len(ids), shift[ids]
+    if not isinstance(dead, DeadFeatures):
+        dead = DeadFeatures(dead, int(dead.sum()))
+    if dead.at_most <= 0:
+        return None
+    mask = dead.mask
+    ids = mask.float().topk(min(dead.at_most, len(mask)), sorted=False).indices
+    columns_shift = shift[ids].masked_fill(~mask[ids], -math.inf)
     values, indices = TopKEncoder.apply(x, W_enc[:, ids], columns_shift, min(aux_k, len(ids)))
-    return auxk_from_top(values, ids[indices], residual, W_dec, n_dead, aux_k)
+    return auxk_from_top(values, ids[indices], residual, W_dec, mask.sum(), aux_k)
 
 
 def decode(indices: Tensor, values: Tensor, W_dec: Tensor, offsets: Tensor | None = None) -> Tensor:
