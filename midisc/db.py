@@ -5,7 +5,8 @@
     python -m midisc.db check [--db URL]     the database's revision, the newest one, and whether the tables
                                              match the models; exit status 0 when all is current, else 1
     python -m midisc.db sync [PATH ...]      send what runs kept while the database was unreachable
-                                             (pending_db_writes.jsonl in their folders)
+                                             (pending_db_writes.jsonl in their folders) to the database
+                                             each journal names, and only into its own run
 
 Every command takes --json (for scripts) and --db URL (default: $MIDISC_DB_URL, else
 sqlite:///outputs/midisc.db; `--db postgres` builds the URL from $POSTGRES_*, as storage=postgres does). Opening a
@@ -16,6 +17,7 @@ of a sweep whose jobs would otherwise all arrive at once.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,8 +29,15 @@ from sqlalchemy import Engine
 
 from midisc.cli import UsageError, add_db_argument, make_console, print_json, run_tool
 from midisc.store import Store
-from midisc.store.engine import connect, redact_url, resolve_db_url
-from midisc.store.journal import PENDING_FILENAME, replay
+from midisc.store.engine import (
+    StoreError,
+    connect,
+    database_identity,
+    postgres_url_from_env,
+    redact_url,
+    resolve_db_url,
+)
+from midisc.store.journal import PENDING_FILENAME, Header, JournalError, read, replay
 from midisc.store.schema import (
     UNVERSIONED,
     current_revision,
@@ -76,7 +85,7 @@ def say(args: argparse.Namespace, console: Console, line: str, data: dict) -> No
 def cmd_init(args: argparse.Namespace, console: Console) -> int:
     with opened(args) as (engine, shown):
         found = current_revision(engine)
-        refuse_unknown(found, shown)
+        refuse_unknown(found, shown, engine)
         head = head_revision()
         if found is None:
             migration = upgrade(engine, shown)
@@ -114,7 +123,10 @@ def cmd_check(args: argparse.Namespace, console: Console) -> int:
     if found is None:
         reason = f"{shown} has no midisc tables: run {suggest(args, 'init', shown)}"
     elif found != UNVERSIONED and found not in known_revisions():
-        reason = f"database at {found}, newer than this midisc knows (head is {head}): upgrade midisc"
+        try:
+            refuse_unknown(found, shown, engine)
+        except StoreError as error:
+            reason = str(error)
     elif found != head:
         reason = f"database at {describe_revision(found)}, head is {head}: run {suggest(args, 'upgrade', shown)}"
     elif differences:
@@ -147,29 +159,73 @@ def pending_files(paths: list[str]) -> list[Path]:
     return found
 
 
+def journal_target(path: Path, header: Header | None, given: str | None) -> str:
+    """The URL to send journal `path` to: the database its header names, with the password from --db or the
+    environment; JournalError (one line) when --db names another database or the password is nowhere."""
+    if header is None:  # written before journals named their database
+        if given is None:
+            raise JournalError(f"{path} does not say which database it belongs to (an older midisc wrote it): "
+                               "name it with --db URL")
+        return resolve_db_url(given)
+    if given is not None:
+        url = resolve_db_url(given)
+        if database_identity(url) != header.database:
+            raise JournalError(f"{path} holds writes of run {header.run_id} of {header.database}, but --db names "
+                               f"{database_identity(url)}: nothing sent, journal kept")
+        return url
+    if ":***@" not in header.database:
+        return header.database
+    for candidate in (lambda: os.environ.get("MIDISC_DB_URL"), postgres_url_from_env):
+        try:
+            url = candidate()
+            if url and database_identity(url) == header.database:
+                return url
+        except StoreError:  # a malformed $MIDISC_DB_URL or $POSTGRES_PORT is simply not this database
+            continue
+    raise JournalError(f"{path} belongs to {header.database}, whose password is not kept: run python -m midisc.db "
+                       f"sync {path} --db 'URL' with that URL and its password (or set MIDISC_DB_URL)")
+
+
+def sync_file(path: Path, given: str | None, recreate: bool) -> dict:
+    """Send one journal where it belongs: {file, database, written, left, error}."""
+    result = {"file": str(path), "database": None, "written": 0, "left": 0, "error": None}
+    try:
+        header, lines = read(path)
+        result["left"] = len(lines)
+        url = journal_target(path, header, given)
+        result["database"] = header.database if header else database_identity(url)
+        with Store(url) as store:
+            result["written"], result["left"] = replay(store, path, recreate=recreate)
+    except StoreError as error:  # JournalError too: nothing was sent into a database the journal does not fit
+        result["error"] = str(error)
+    return result
+
+
 def cmd_sync(args: argparse.Namespace, console: Console) -> int:
     files = pending_files(args.paths)
     if not files:
         say(args, console, "nothing to sync: no run kept writes for an unreachable database", {"files": []})
         return 0
-    results = []
-    with Store(resolve_db_url(args.db)) as store:
-        for path in files:
-            written, left = replay(store, path)
-            results.append({"file": str(path), "written": written, "left": left})
+    results = [sync_file(path, args.db, args.recreate) for path in files]
     if args.json:
-        print_json({"database": store.url, "files": results})
+        print_json({"files": results})
     else:
         for r in results:
+            if r["error"]:
+                print(f"error: {r['error']}", file=sys.stderr)
+                continue
             state = "all sent, file removed" if not r["left"] else f"{r['left']} still waiting (database unreachable)"
-            console.print(f"{r['file']}: {r['written']} write(s) sent to {store.url}; {state}", markup=False,
+            console.print(f"{r['file']}: {r['written']} write(s) sent to {r['database']}; {state}", markup=False,
                           highlight=False, soft_wrap=True)
-    return 0 if all(r["left"] == 0 for r in results) else 1
+    return 0 if all(r["left"] == 0 and not r["error"] for r in results) else 1
 
 
 def _sync_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="*", metavar="PATH",
                         help=f"{PENDING_FILENAME} files or folders to search (default: ./outputs and ./multirun)")
+    parser.add_argument("--recreate", action="store_true",
+                        help="record a run again from its journal when its database no longer has it (the file "
+                             "was deleted or replaced while the run trained)")
 
 
 COMMANDS: dict[str, Command] = {

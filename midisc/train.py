@@ -175,14 +175,14 @@ def train(cfg: DictConfig, output_dir: Path) -> Result:
                           "stop it first or wait for it")
     run_id = cfg.resume
     if store and run_id is not None:
-        store = Journal(store, output_dir / PENDING_FILENAME)  # first sends what an earlier attempt kept
+        store = Journal(store, output_dir / PENDING_FILENAME, run_id)  # first sends what an earlier attempt kept
         store.reopen_run(run_id)
     elif store:
         sweep_id, overrides = sweep_of_job()
         run_id = store.start_run(model=m.name, hook=hook, layer=None if m.hook else cfg.layer,
                                  architecture=get_class(cfg.sae._target_).architecture, config=recorded_config(cfg),
                                  output_dir=str(output_dir), sweep_id=sweep_id, overrides=overrides)
-        store = Journal(store, output_dir / PENDING_FILENAME)
+        store = Journal(store, output_dir / PENDING_FILENAME, run_id)
     try:
         result = _fit(cfg, output_dir, store, run_id, hook, train_texts, heldout_texts)
     except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into SystemExit(1)
@@ -206,9 +206,17 @@ def train(cfg: DictConfig, output_dir: Path) -> Result:
         if store:
             if store.pending:
                 print(f"warning: the database was unreachable: {store.pending} write(s) of run {run_id} wait in "
-                      f"{store.path}; send them with: python -m midisc.db sync {store.path}", file=sys.stderr)
+                      f"{store.path}; send them with: {sync_command(store)}", file=sys.stderr)
             store.close()
     return result
+
+
+def sync_command(journal: Journal) -> str:
+    """The command that sends `journal` to its database; it finds the database in the file itself."""
+    command = f"python -m midisc.db sync {journal.path}"
+    if ":***@" in journal.header.database:  # the password is not kept: say where it goes
+        command += f" --db '{journal.header.database}' (your password in place of ***, or set MIDISC_DB_URL)"
+    return command
 
 
 def _fit(cfg: DictConfig, output_dir: Path, store: Store | None, run_id: int | None, hook: str,

@@ -14,6 +14,7 @@ from alembic import command
 from alembic.script import ScriptDirectory
 from sqlalchemy import MetaData, Table, create_engine, inspect, insert, text
 
+from midisc.db import main as db_main
 from midisc.store import Store, StoreError
 from midisc.store.schema import (
     UNVERSIONED,
@@ -24,13 +25,15 @@ from midisc.store.schema import (
     schema_differences,
 )
 
-# What revisions 0002 and 0003 add; a database at 0001 differs from the models in exactly these.
+# What revisions 0002 to 0004 add; a database at 0001 differs from the models in exactly these.
 CHANGES_AFTER_0001 = {
     "add_column training_runs.sweep_id",
     "add_column training_runs.overrides",
     "add_index training_runs_sweep_id on training_runs",
     "add_table evaluations",
     "add_index ix_evaluations_run_id on evaluations",
+    "add_column training_runs.run_uuid",
+    "add_index training_runs_run_uuid on training_runs",
 }
 
 
@@ -132,9 +135,20 @@ def test_database_at_an_older_revision_is_upgraded_with_one_line(db_url, capsys)
 def test_database_from_a_newer_midisc_is_refused(db_url) -> None:
     Store(db_url).close()
     execute(db_url, "UPDATE alembic_version SET version_num = '0099'")
-    with pytest.raises(StoreError, match=r"revision 0099, .*newest is 0003\): upgrade midisc$") as caught:
+    with pytest.raises(StoreError, match=r"revision 0099, .*newest is 0004\): upgrade midisc$") as caught:
         Store(db_url)
     assert "\n" not in str(caught.value)
+
+
+def test_another_applications_alembic_version_is_not_taken_for_a_newer_midisc(db_url, capsys) -> None:
+    execute(db_url, "CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)",
+            "INSERT INTO alembic_version VALUES ('a1b2c3d4e5f6')", "CREATE TABLE invoices (id INTEGER)")
+    with pytest.raises(StoreError, match=r"is not a midisc database: its alembic_version table is at revision "
+                                         r"a1b2c3d4e5f6 of another application") as caught:
+        Store(db_url)
+    assert "\n" not in str(caught.value) and "newer" not in str(caught.value)
+    assert db_main(["check", "--db", db_url]) == 1
+    assert "is not a midisc database" in capsys.readouterr().err
 
 
 def test_a_failing_migration_is_one_line_naming_the_database(sqlite_url) -> None:

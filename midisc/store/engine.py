@@ -64,6 +64,18 @@ def redact_url(url: str) -> str:
         return url
 
 
+def database_identity(url: str) -> str:
+    """The database `url` names, written so that two spellings of it compare equal and no password shows.
+
+    A SQLite path is made absolute: `sqlite:///outputs/midisc.db` is another file in another working
+    folder. A journal of kept writes records this, so `db sync` can refuse to send them anywhere else.
+    """
+    parsed = parse_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:" and "mode=memory" not in str(parsed):
+        parsed = parsed.set(database=str(Path(parsed.database).expanduser().resolve()))
+    return parsed.render_as_string(hide_password=True)
+
+
 def _mask_unparsed(url: str) -> str:
     # For error messages only: a URL that did not parse may still carry a password, which may itself hold
     # an unescaped @, so everything up to the last @ goes.

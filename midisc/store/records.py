@@ -6,14 +6,16 @@ half-written transaction holding locks, and a crash inside one rolls it back who
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from midisc.store.bulk import insert_rows
-from midisc.store.engine import StoreError, connect, parse_url
+from midisc.store.engine import StoreError, connect, database_identity, parse_url
 from midisc.store.findings import FindingsMixin
 from midisc.store.schema import ensure_current
 from midisc.store.tables import (
@@ -53,6 +55,8 @@ class Store(FindingsMixin):
     def __init__(self, url: str) -> None:
         self._engine = connect(url)
         self.url: str = parse_url(url).render_as_string(hide_password=True)
+        # Which database this is, the same from any working folder: what a journal of kept writes records.
+        self.database: str = database_identity(url)
         try:
             ensure_current(self._engine, self.url)
         except StoreError:
@@ -87,15 +91,19 @@ class Store(FindingsMixin):
         d_sae: int | None = None,
         sweep_id: str | None = None,
         overrides: list[str] | None = None,
+        run_uuid: str | None = None,
+        started_at: datetime | None = None,
     ) -> int:
         """Record a new run with status "running"; returns its id.
 
         `sweep_id` names the Hydra multirun sweep the run is part of; `overrides` are its job's command-line
-        overrides (strings, e.g. "sae.k=16").
+        overrides (strings, e.g. "sae.k=16"). `run_uuid` and `started_at` are new ones unless given: a run
+        recreated from its journal keeps its own.
         """
         run = TrainingRun(
             status="running",
-            started_at=utc_now(),
+            run_uuid=run_uuid or str(uuid.uuid4()),
+            started_at=started_at or utc_now(),
             model=model,
             hook=hook,
             layer=layer,
@@ -262,6 +270,11 @@ class Store(FindingsMixin):
         """The run's row as a dict; UnknownRunError (a KeyError) listing existing ids if there is none."""
         with self._sessions() as session:
             return as_dict(self._run(session, run_id))
+
+    def run_with_uuid(self, run_uuid: str) -> int | None:
+        """The id of the run with this UUID, or None when the database has no such run."""
+        with self._sessions() as session:
+            return session.scalar(select(TrainingRun.id).where(TrainingRun.run_uuid == run_uuid))
 
     def list_runs(
         self,

@@ -120,7 +120,7 @@ def upgrade(engine: Engine, shown: str) -> Migration:
         with _migration_connection(engine) as connection:
             # Read again under the lock: another process may have migrated while this one waited.
             before = _revision(connection)
-            refuse_unknown(before, shown)
+            refuse_unknown(before, shown, connection)
             if before != head_revision():
                 with _quiet_alembic():
                     command.upgrade(alembic_config(connection), "head")
@@ -143,9 +143,20 @@ def schema_differences(engine: Engine) -> list[str]:
         return [_describe_difference(diff) for diff in compare_metadata(context, Base.metadata)]
 
 
-def refuse_unknown(revision: str | None, shown: str) -> None:
-    """StoreError (one line) if `revision` is one this midisc does not know: a newer midisc wrote it."""
+def has_midisc_tables(bind: Engine | Connection) -> bool:
+    """Whether any of midisc's tables is in the database (another application may own its alembic_version)."""
+    return bool(set(inspect(bind).get_table_names()) & set(Base.metadata.tables))
+
+
+def refuse_unknown(revision: str | None, shown: str, bind: Engine | Connection) -> None:
+    """StoreError (one line) if `revision` is one this midisc does not know: a newer midisc wrote it, or the
+    alembic_version table is another application's."""
     if revision not in (None, UNVERSIONED, *known_revisions()):
+        if not has_midisc_tables(bind):
+            raise StoreError(
+                f"database {shown} is not a midisc database: its alembic_version table is at revision {revision} "
+                "of another application and it has no midisc tables; use an empty database (or another schema)"
+            )
         raise StoreError(
             f"database {shown} is at schema revision {revision}, which this midisc does not know "
             f"(its newest is {head_revision()}): upgrade midisc"
@@ -171,7 +182,7 @@ def _revision(connection: Connection) -> str | None:
         rows = connection.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalars().all()
         if rows:
             return ", ".join(sorted(rows))
-    if set(inspector.get_table_names()) & set(Base.metadata.tables):
+    if has_midisc_tables(connection):
         return UNVERSIONED
     return None
 

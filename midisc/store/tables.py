@@ -84,6 +84,7 @@ class TrainingRun(Base):
             name="training_runs_status_valid",
         ),
         Index("training_runs_sweep_id", "sweep_id"),
+        Index("training_runs_run_uuid", "run_uuid", unique=True),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -110,6 +111,9 @@ class TrainingRun(Base):
     sweep_id: Mapped[str | None] = mapped_column(String(1024))
     # The job's command-line overrides, e.g. ["sae.k=16", "layer=3"]: what sets a run apart within its sweep.
     overrides: Mapped[list[str] | None] = mapped_column(JSON)
+    # Unique across databases (a run id is not): a journal of kept writes names it, so `db sync` can tell
+    # its own run from another database's run with the same id. Revision 0004 gave older runs one.
+    run_uuid: Mapped[str | None] = mapped_column(String(36))
 
 
 class EpochMetric(Base):
