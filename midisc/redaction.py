@@ -5,21 +5,32 @@ or one composed from $POSTGRES_PASSWORD). The database, the exports and our own 
 the redacted URL; what is left are files and log lines written by Hydra itself before our code runs —
 the job's `.hydra/*.yaml`, the sweep's `multirun.yaml` and the launcher's "#0 : storage.url=…" line —
 which is why this module rewrites those files and every log record.
+
+A URL is not always spelled plainly there: a sweep's overrides are Hydra-escaped
+(`postgresql\\://user\\:secret@host\\:5432/db`, every backslash doubled again where one was), quoted, or
+URL-encoded (`postgresql%3A%2F%2Fuser%3Asecret%40host`). Each separator below accepts every spelling.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 
-# scheme://user:password@ -> scheme://user:***@ ; the password runs to the last '@' before the host.
-_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s'\"]*:)([^\s'\"]+)@")
+_COLON = r"(?:\\*:|%3[Aa])"
+_SLASHES = r"(?:\\*/\\*/|%2[Ff]%2[Ff])"
+_AT = r"(?:@|%40)"
+# scheme://user:password@ -> scheme://user:***@ ; the user ends at the first colon, the password runs to the
+# last @ before the host (a password may hold an encoded @), and neither crosses white space or a quote.
+_URL_PASSWORD = re.compile(
+    rf"([A-Za-z][A-Za-z0-9+.\-]*{_COLON}{_SLASHES}(?:(?!%2[Ff]|%40)[^:/@\s'\"\\])*?{_COLON})([^\s'\"]+)({_AT})"
+)
 
 
 def redact_text(text: str) -> str:
-    """`text` with the password of every URL in it replaced by ***."""
-    return _URL_PASSWORD.sub(lambda m: f"{m.group(1)}***@" if m.group(2) != "***" else m.group(0), text)
+    """`text` with the password of every URL in it replaced by ***, however the URL is spelled."""
+    return _URL_PASSWORD.sub(lambda m: f"{m.group(1)}***{m.group(3)}", text)
 
 
 def scrub_file(path: Path) -> bool:
@@ -31,7 +42,8 @@ def scrub_file(path: Path) -> bool:
     clean = redact_text(text)
     if clean == text:
         return False
-    tmp = Path(path).with_name(Path(path).name + ".redacting")
+    # A name of its own: the parallel jobs of a sweep all scrub the sweep's multirun.yaml.
+    tmp = Path(path).with_name(f"{Path(path).name}.redacting-{os.getpid()}")
     tmp.write_text(clean)
     tmp.replace(path)
     return True
@@ -59,7 +71,7 @@ def redact_log_records() -> None:
         record = previous(*args, **kwargs)
         if record.args:
             record.msg, record.args = record.getMessage(), None
-        if isinstance(record.msg, str) and "@" in record.msg:
+        if isinstance(record.msg, str) and ("@" in record.msg or "%40" in record.msg):
             record.msg = redact_text(record.msg)
         return record
 

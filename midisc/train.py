@@ -352,6 +352,7 @@ def quiet_lightning() -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
+    redact_log_records()  # again here: a joblib sweep runs this in worker processes that never ran __main__
     quiet_lightning()
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     sweep_dir = HydraConfig.get().sweep.dir if HydraConfig.get().mode == RunMode.MULTIRUN else None

@@ -116,6 +116,30 @@ def test_a_killed_run_resumes_into_the_same_run_and_no_file_holds_the_password(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("launcher", [[], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]],
+                         ids=["basic", "joblib"])
+def test_a_sweep_keeps_the_password_out_of_every_file_row_and_line(tmp_path, tiny_llama, text_folder, postgres_url,
+                                                                   launcher):
+    # Hydra writes a sweep's overrides escaped (postgresql+psycopg2\://postgres\:SECRET@…), a spelling the
+    # redaction once missed: the password stayed in each job's .hydra files, its overrides row and the console.
+    url = postgres_url.replace("postgres@", f"postgres:{SECRET}@", 1)
+    overrides = [o for o in tiny_overrides(tiny_llama, text_folder, None) if not o.startswith("storage.url")]
+    typed = url.replace("=", "\\=")  # unquoted, as people type it; the test schema's options need the = escaped
+    proc = run_cli(["midisc.train", "-m", *overrides, "seed=1,2", "epochs=1", f"storage.url={typed}", *launcher],
+                   cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "#1 : " in proc.stdout + proc.stderr and "\\:***@" in proc.stdout + proc.stderr
+    assert SECRET not in proc.stdout + proc.stderr
+    assert len(list(tmp_path.glob("multirun/*/*/*/.hydra/overrides.yaml"))) == 2
+    assert files_holding(tmp_path, SECRET) == []
+    with Store(postgres_url) as store:
+        runs = store.list_runs()
+    assert len(runs) == 2 and {r["status"] for r in runs} == {"completed"}
+    assert SECRET not in repr(runs)
+    assert all(any(o.startswith("storage.url=") and ":***@" in o for o in r["overrides"]) for r in runs)
+
+
+@pytest.mark.slow
 def test_ctrl_c_marks_the_run_interrupted_keeps_its_metrics_and_saves_a_checkpoint(
         tmp_path, tiny_llama, text_folder, postgres_url):
     overrides = [o for o in tiny_overrides(tiny_llama, text_folder, None) if not o.startswith("storage.url")]
