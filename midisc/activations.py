@@ -202,6 +202,14 @@ class ActivationStream(IterableDataset):
         # Asked at the first batch, not when iter() is called: a resumed trainer knows its place only then.
         epoch, skip = self.position() if self.position else (self.epoch, 0)
         self.epoch = epoch + 1
+        if epoch > 0 and not self.cache.complete:
+            # A run resumed in a later epoch finds its memory cache empty. Epoch 1's harvest fills it again, row
+            # for row as before, so this epoch serves the same shuffled cached order as it would have without
+            # the restart: a fresh harvest comes in corpus order, and skipping the trained batches of it would
+            # skip the wrong vectors.
+            for _ in tqdm(self._harvest_into_cache(), desc="refilling the activation cache", unit="chunk",
+                          leave=False):
+                pass
         generator = torch.Generator().manual_seed(self.seed + epoch)
         chunks = self._cached_chunks(generator) if self.cache.complete else self._harvest_into_cache()
         batches = shuffled_batches(chunks, self.batch_size, self.buffer_size, generator)

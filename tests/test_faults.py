@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import open_dict
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
@@ -262,3 +263,49 @@ def test_resume_refuses_a_completed_run_and_one_still_training(tmp_path, tiny_ll
         holder.release()
     with Store(url) as store:
         assert store.get_run(alive)["status"] == "running"  # refused before anything was touched
+
+
+def interrupted_at(monkeypatch, step: int) -> None:
+    """Make training raise KeyboardInterrupt (as Ctrl-C does) once it reaches global step `step`."""
+    original = train_mod.SAEModule.training_step
+
+    def training_step(self, batch, batch_idx):
+        if self.trainer.global_step == step:
+            raise KeyboardInterrupt
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(train_mod.SAEModule, "training_step", training_step)
+
+
+@pytest.mark.parametrize("cache", ["auto", "disk"])
+def test_a_run_stopped_in_a_later_epoch_resumes_to_the_same_weights(tmp_path, tiny_llama, text_folder, monkeypatch,
+                                                                     cache):
+    # With the memory cache (the default for a single run) a restart finds the cache empty; the resumed epoch
+    # must still serve the shuffled cached order, not the corpus order of a fresh harvest.
+    settings = ["epochs=3", "checkpoint_every=10", f"activations.cache={cache}"]
+    # Caches of their own: a run that finds a complete disk cache trains its first epoch in the cached order.
+    twin = train(tiny_cfg(tiny_llama, text_folder, f"sqlite:///{tmp_path / 'twin.db'}", *settings,
+                          f"activations.cache_dir={tmp_path / 'twin-cache'}"), tmp_path / "twin")
+    steps_per_epoch = int(twin.metrics["n_tokens"]) // 128
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    cfg = tiny_cfg(tiny_llama, text_folder, url, *settings, f"activations.cache_dir={tmp_path / 'cache'}")
+    with monkeypatch.context() as patch:
+        interrupted_at(patch, steps_per_epoch * 2 + 15)  # in the third epoch, between checkpoints
+        previous = signal.getsignal(signal.SIGINT)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                train(cfg, tmp_path / "run")
+        finally:
+            signal.signal(signal.SIGINT, previous)  # Lightning ignores SIGINT while shutting down
+    with Store(url) as store:
+        (run,) = store.list_runs()
+    assert run["status"] == "interrupted"
+    with open_dict(cfg):
+        cfg.resume = run["id"]
+    resumed = train(*train_mod.resumed_config(cfg))
+
+    twin_state, state = twin.sae.state_dict(), resumed.sae.state_dict()
+    assert twin_state.keys() == state.keys()
+    assert all(torch.equal(twin_state[name], state[name]) for name in state), [
+        name for name in state if not torch.equal(twin_state[name], state[name])]
+    assert (tmp_path / "run" / "curves.csv").read_text() == (tmp_path / "twin" / "curves.csv").read_text()
