@@ -2,7 +2,8 @@
 
 A run saves `checkpoints/last.ckpt` every `every_n_steps` optimizer steps, at each epoch end and on
 Ctrl-C, always to a temporary file renamed over the old one, so a kill in mid-save leaves the previous
-checkpoint whole. A resumed run continues from the exact batch: Lightning restores the weights, the
+checkpoint whole. The one before it stays as `previous.ckpt`: a resume that finds `last.ckpt` damaged
+(a full disk, a bad copy) goes on from there. A resumed run continues from the exact batch: Lightning restores the weights, the
 optimizer and its counters, and `trainer_position` tells the activation stream which epoch it serves and
 how many of that epoch's batches were already trained on; the stream replays that epoch's seeded order
 and skips them, since a plain iterable cannot be rewound.
@@ -19,15 +20,48 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.ckpt"
+PREVIOUS = "previous.ckpt"
+DAMAGED_SUFFIX = ".damaged"
 LOCK_FILENAME = ".running.lock"
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of the run can be read; the message (one line) says which file and how to start over."""
 
 
 def last_checkpoint(output_dir: Path) -> Path | None:
     path = Path(output_dir) / CHECKPOINT_DIR / LAST
     return path if path.is_file() else None
+
+
+def resume_checkpoint(output_dir: Path, warn: Callable[[str], None]) -> Path | None:
+    """The newest checkpoint of the run in `output_dir` that can be read; None when it saved none.
+
+    A damaged `last.ckpt` is renamed `last.ckpt.damaged`, with a warning, so the next save does not
+    push it over the good `previous.ckpt`; CheckpointError when no checkpoint can be read.
+    """
+    folder = Path(output_dir) / CHECKPOINT_DIR
+    found = [folder / name for name in (LAST, PREVIOUS) if (folder / name).is_file()]
+    damaged: list[str] = []
+    for path in found:
+        try:
+            checkpoint_step(path)
+        except Exception as error:  # torch.load fails with RuntimeError, EOFError, UnpicklingError…
+            damaged.append(f"{path} ({type(error).__name__}: {str(error).splitlines()[0][:120]})")
+            continue
+        if damaged:
+            folder.joinpath(LAST).replace(folder / (LAST + DAMAGED_SUFFIX))
+            warn(f"checkpoint {damaged[0]} cannot be read; resuming from the one before it, {path} "
+                 f"(the damaged file is kept as {LAST + DAMAGED_SUFFIX})")
+        return path
+    if damaged:
+        raise CheckpointError(f"no checkpoint of this run can be read: {'; '.join(damaged)}. To train it again from "
+                              f"the start, remove {folder} and resume again")
+    return None
 
 
 def checkpoint_step(path: Path) -> tuple[int, int]:
@@ -60,6 +94,8 @@ class Checkpointer(L.Callback):
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.folder / f".{LAST}.partial"
         trainer.save_checkpoint(tmp, weights_only=False)  # the optimizer and loop state too: resume needs them
+        if (self.folder / LAST).is_file():
+            os.replace(self.folder / LAST, self.folder / PREVIOUS)
         os.replace(tmp, self.folder / LAST)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
@@ -70,8 +106,9 @@ class Checkpointer(L.Callback):
         self.save(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        # Only Ctrl-C: after a crash (NaN loss, a bug) the last periodic checkpoint is the one worth keeping.
-        if isinstance(exception, KeyboardInterrupt) and trainer.global_step > 0:
+        # Only Ctrl-C and SIGTERM (a scheduler's stop): after a crash (NaN loss, a bug) the last periodic
+        # checkpoint is the one worth keeping.
+        if isinstance(exception, (KeyboardInterrupt, SIGTERMException)) and trainer.global_step > 0:
             self.save(trainer)
 
     def discard(self) -> None:

@@ -31,6 +31,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
@@ -39,8 +40,8 @@ from midisc.activation_cache import CacheError, SharedCache, cache_bytes
 from midisc.activations import (ActivationStream, ContextChunk, MemoryCache, harvest, harvest_contexts, keep_mask,
                                 take_rows)
 from midisc.callbacks import CURVES_FILENAME, Evaluator, ProgressBar, Publisher, RunRecorder
-from midisc.checkpoints import (CHECKPOINT_DIR, Checkpointer, RunLock, checkpoint_step, last_checkpoint,
-                                trainer_position, trim_curves)
+from midisc.checkpoints import (CHECKPOINT_DIR, CheckpointError, Checkpointer, RunLock, checkpoint_step,
+                                last_checkpoint, resume_checkpoint, trainer_position, trim_curves)
 from midisc.corpus import CorpusError
 from midisc.export import run_info
 from midisc.features import frequency_bins
@@ -53,7 +54,7 @@ from midisc.store.journal import PENDING_FILENAME, Journal
 from midisc.validate import ConfigError, check_config
 
 USER_ERRORS = (ConfigError, ModelError, CorpusError, StoreError, UnknownRunError, NonFiniteLossError,
-               CacheError)
+               CacheError, CheckpointError)
 log = logging.getLogger(__name__)
 
 
@@ -174,6 +175,13 @@ def train(cfg: DictConfig, output_dir: Path) -> Result:
         raise ConfigError(f"{output_dir} is in use by another training process (pid {lock.holder()}); "
                           "stop it first or wait for it")
     run_id = cfg.resume
+    try:  # before the run is reopened: a run whose checkpoints are all damaged stays as it was, resumable
+        resume_from = resume_checkpoint(output_dir, log.warning) if run_id is not None else None
+    except CheckpointError:
+        lock.release()
+        if store:
+            store.close()
+        raise
     if store and run_id is not None:
         store = Journal(store, output_dir / PENDING_FILENAME, run_id)  # first sends what an earlier attempt kept
         store.reopen_run(run_id)
@@ -184,11 +192,12 @@ def train(cfg: DictConfig, output_dir: Path) -> Result:
                                  output_dir=str(output_dir), sweep_id=sweep_id, overrides=overrides)
         store = Journal(store, output_dir / PENDING_FILENAME, run_id)
     try:
-        result = _fit(cfg, output_dir, store, run_id, hook, train_texts, heldout_texts)
-    except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into SystemExit(1)
+        result = _fit(cfg, output_dir, store, run_id, hook, train_texts, heldout_texts, resume_from)
+    except (KeyboardInterrupt, SystemExit) as stop:  # Lightning turns Ctrl-C into SystemExit(1)
         if store:
             how = f"continue with: python -m midisc.train resume={run_id}"
-            store.finish_run(run_id, "interrupted", error=f"interrupted by the user (Ctrl-C); {how}")
+            why = "stopped by SIGTERM" if isinstance(stop, SIGTERMException) else "interrupted by the user (Ctrl-C)"
+            store.finish_run(run_id, "interrupted", error=f"{why}; {how}")
             saved = "its checkpoint is saved" if last_checkpoint(output_dir) else "it had no checkpoint yet"
             print(f"run {run_id} is marked interrupted and {saved}; {how}", file=sys.stderr)
         raise KeyboardInterrupt from None
@@ -220,7 +229,7 @@ def sync_command(journal: Journal) -> str:
 
 
 def _fit(cfg: DictConfig, output_dir: Path, store: Store | None, run_id: int | None, hook: str,
-         train_texts: list[str], heldout_texts: list[str]) -> Result:
+         train_texts: list[str], heldout_texts: list[str], resume_from: Path | None) -> Result:
     m, acts = cfg.model, cfg.activations
     loaded = lm.load_model(m.name, gguf_package=m.gguf_package, gguf_file=m.gguf_file, dtype=m.dtype,
                            device_map=m.device_map)
@@ -263,12 +272,13 @@ def _fit(cfg: DictConfig, output_dir: Path, store: Store | None, run_id: int | N
 
         stream = ActivationStream(vectors, cache, batch_size=cfg.batch_size, buffer_size=acts.buffer_size,
                                   expected_rows=expected, seed=cfg.seed)
-        return _train(cfg, output_dir, store, run_id, hook, loaded, module, special, stream, heldout_chunks)
+        return _train(cfg, output_dir, store, run_id, hook, loaded, module, special, stream, heldout_chunks,
+                      resume_from)
 
 
 def _train(cfg: DictConfig, output_dir: Path, store: Store | None, run_id: int | None, hook: str,
            loaded: lm.LoadedModel, module: torch.nn.Module, special: list[int], stream: ActivationStream,
-           heldout_chunks: list[ContextChunk]) -> Result:
+           heldout_chunks: list[ContextChunk], ckpt: Path | None) -> Result:
     heldout = torch.cat([chunk.acts for chunk in heldout_chunks])
     sae = build_sae(cfg, d_in=heldout.shape[1])
     if store:
@@ -285,7 +295,6 @@ def _train(cfg: DictConfig, output_dir: Path, store: Store | None, run_id: int |
     module_ = SAEModule(sae, instantiate(cfg.optimizer), b_dec_init=cfg.b_dec_init, dead_window=cfg.dead_window,
                         normalize_input=cfg.normalize_input, resample_every=cfg.resample_every, **cfg.schedule)
     checkpointer = Checkpointer(output_dir / CHECKPOINT_DIR, cfg.checkpoint_every)
-    ckpt = last_checkpoint(output_dir) if cfg.resume is not None else None
     if ckpt:
         step, epoch = checkpoint_step(ckpt)
         trim_curves(output_dir / CURVES_FILENAME, step)

@@ -18,7 +18,7 @@ from sqlalchemy.engine import make_url
 
 from conftest import REPO, compose_config, run_cli, tiny_overrides
 from midisc import train as train_mod
-from midisc.checkpoints import CHECKPOINT_DIR, LAST
+from midisc.checkpoints import CHECKPOINT_DIR, LAST, PREVIOUS, CheckpointError
 from midisc.db import main as db_main
 from midisc.module import NonFiniteLossError
 from midisc.store import Store
@@ -265,16 +265,34 @@ def test_resume_refuses_a_completed_run_and_one_still_training(tmp_path, tiny_ll
         assert store.get_run(alive)["status"] == "running"  # refused before anything was touched
 
 
-def interrupted_at(monkeypatch, step: int) -> None:
-    """Make training raise KeyboardInterrupt (as Ctrl-C does) once it reaches global step `step`."""
+def stop_at(monkeypatch, step: int, stop=None) -> None:
+    """Make training stop once it reaches global step `step`: Ctrl-C (KeyboardInterrupt) or `stop()`."""
     original = train_mod.SAEModule.training_step
 
     def training_step(self, batch, batch_idx):
         if self.trainer.global_step == step:
-            raise KeyboardInterrupt
+            if stop is None:
+                raise KeyboardInterrupt
+            stop()
         return original(self, batch, batch_idx)
 
     monkeypatch.setattr(train_mod.SAEModule, "training_step", training_step)
+
+
+def interrupted_run(monkeypatch, cfg, folder: Path, step: int, stop=None) -> dict:
+    """Train `cfg` in `folder` until it is stopped at `step`; the run's row."""
+    with monkeypatch.context() as patch:
+        stop_at(patch, step, stop)
+        previous = signal.getsignal(signal.SIGINT)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                train(cfg, folder)
+        finally:
+            signal.signal(signal.SIGINT, previous)  # Lightning ignores SIGINT while shutting down
+    with Store(cfg.storage.url) as store:
+        (run,) = store.list_runs()
+    assert run["status"] == "interrupted"
+    return run
 
 
 @pytest.mark.parametrize("cache", ["auto", "disk"])
@@ -287,19 +305,9 @@ def test_a_run_stopped_in_a_later_epoch_resumes_to_the_same_weights(tmp_path, ti
     twin = train(tiny_cfg(tiny_llama, text_folder, f"sqlite:///{tmp_path / 'twin.db'}", *settings,
                           f"activations.cache_dir={tmp_path / 'twin-cache'}"), tmp_path / "twin")
     steps_per_epoch = int(twin.metrics["n_tokens"]) // 128
-    url = f"sqlite:///{tmp_path / 'runs.db'}"
-    cfg = tiny_cfg(tiny_llama, text_folder, url, *settings, f"activations.cache_dir={tmp_path / 'cache'}")
-    with monkeypatch.context() as patch:
-        interrupted_at(patch, steps_per_epoch * 2 + 15)  # in the third epoch, between checkpoints
-        previous = signal.getsignal(signal.SIGINT)
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                train(cfg, tmp_path / "run")
-        finally:
-            signal.signal(signal.SIGINT, previous)  # Lightning ignores SIGINT while shutting down
-    with Store(url) as store:
-        (run,) = store.list_runs()
-    assert run["status"] == "interrupted"
+    cfg = tiny_cfg(tiny_llama, text_folder, f"sqlite:///{tmp_path / 'runs.db'}", *settings,
+                   f"activations.cache_dir={tmp_path / 'cache'}")
+    run = interrupted_run(monkeypatch, cfg, tmp_path / "run", steps_per_epoch * 2 + 15)  # epoch 3, between saves
     with open_dict(cfg):
         cfg.resume = run["id"]
     resumed = train(*train_mod.resumed_config(cfg))
@@ -309,3 +317,40 @@ def test_a_run_stopped_in_a_later_epoch_resumes_to_the_same_weights(tmp_path, ti
     assert all(torch.equal(twin_state[name], state[name]) for name in state), [
         name for name in state if not torch.equal(twin_state[name], state[name])]
     assert (tmp_path / "run" / "curves.csv").read_text() == (tmp_path / "twin" / "curves.csv").read_text()
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_one_before_and_then_says_how_to_start_over(
+        tmp_path, tiny_llama, text_folder, monkeypatch, caplog):
+    cfg = tiny_cfg(tiny_llama, text_folder, f"sqlite:///{tmp_path / 'runs.db'}", "epochs=2", "checkpoint_every=10")
+    run = interrupted_run(monkeypatch, cfg, tmp_path / "run", 25)
+    folder = tmp_path / "run" / CHECKPOINT_DIR
+    assert sorted(p.name for p in folder.iterdir()) == [LAST, PREVIOUS]  # saved on Ctrl-C at 25, and at 20
+    with open_dict(cfg):
+        cfg.resume = run["id"]
+
+    for name in (LAST, PREVIOUS):  # both cut short: nothing to resume from, and the run is left as it was
+        data = (folder / name).read_bytes()
+        (folder / name).write_bytes(data[: len(data) // 2])
+    (folder / "good.ckpt").write_bytes(data)  # previous.ckpt as it was
+    with pytest.raises(CheckpointError) as caught:
+        train(*train_mod.resumed_config(cfg))
+    message = str(caught.value)
+    assert "\n" not in message and str(folder / LAST) in message and str(folder / PREVIOUS) in message
+    assert message.endswith(f"To train it again from the start, remove {folder} and resume again")
+    with Store(cfg.storage.url) as store:
+        assert store.get_run(run["id"])["status"] == "interrupted"
+
+    (folder / "good.ckpt").replace(folder / PREVIOUS)  # only last.ckpt damaged: the run goes on from step 20
+    with caplog.at_level("INFO"):
+        result = train(*train_mod.resumed_config(cfg))
+    assert f"resuming from the one before it, {folder / PREVIOUS}" in caplog.text
+    assert f"resuming run {run['id']} from step 20 " in caplog.text
+    with Store(cfg.storage.url) as store:
+        assert store.get_run(result.run_id)["status"] == "completed"
+
+
+def test_sigterm_stops_the_run_as_interrupted_naming_the_signal(tmp_path, tiny_llama, text_folder, monkeypatch):
+    cfg = tiny_cfg(tiny_llama, text_folder, f"sqlite:///{tmp_path / 'runs.db'}", "epochs=2", "checkpoint_every=100")
+    run = interrupted_run(monkeypatch, cfg, tmp_path / "run", 12, stop=lambda: os.kill(os.getpid(), signal.SIGTERM))
+    assert run["error"] == f"stopped by SIGTERM; continue with: python -m midisc.train resume={run['id']}"
+    assert (tmp_path / "run" / CHECKPOINT_DIR / LAST).is_file()  # saved on the way out, as on Ctrl-C
