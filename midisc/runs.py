@@ -51,7 +51,11 @@ def open_run(store: Store, run_id: int, device: str = "cpu") -> OpenedRun:
     folder = Path(saved[-1]["path"])
     if not folder.is_dir():
         raise RunError(f"run {run_id}'s SAE folder {folder} does not exist (moved or deleted?)")
-    return OpenedRun(id=run_id, row=row, config=row["config"], sae=load_sae(folder, device=device), sae_dir=folder)
+    try:
+        sae = load_sae(folder, device=device)
+    except (ValueError, FileNotFoundError) as error:  # a damaged, cut-short or edited SAE folder
+        raise RunError(f"run {run_id}'s SAE does not load: {error}") from None
+    return OpenedRun(id=run_id, row=row, config=row["config"], sae=sae, sae_dir=folder)
 
 
 def open_model(run: OpenedRun) -> RunModel:

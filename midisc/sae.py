@@ -341,6 +341,10 @@ _SUPPORTED_CFG = {
 }
 
 
+class SAEFileError(ValueError):
+    """A saved SAE's weights file exists but cannot be read; the message names the file."""
+
+
 def load_sae(folder: str | Path, device: str = "cpu") -> SparseAutoencoder:
     """Rebuild an SAE from a SAELens-layout folder; returns it on `device`, in eval mode."""
     folder = Path(folder)
@@ -382,7 +386,12 @@ def load_sae(folder: str | Path, device: str = "cpu") -> SparseAutoencoder:
 
         sae = JumpReLUSAE(d_in, expansion, d_sae=d_sae)
 
-    state = {name: t.to(torch.float32) for name, t in load_file(str(weights_path)).items()}
+    try:
+        tensors = load_file(str(weights_path))
+    except Exception as error:  # safetensors' own SafetensorError on a damaged header, OSError on a short file
+        reason = " ".join(str(error).split())[:160] or type(error).__name__
+        raise SAEFileError(f"{weights_path} cannot be read ({reason}): it is damaged or cut short") from None
+    state = {name: t.to(torch.float32) for name, t in tensors.items()}
     sae.load_tensors(state)
     return sae.to(device).eval()
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import compose_config, tiny_overrides
+from conftest import compose_config, run_cli, tiny_overrides
 from midisc import verify
 from midisc.export.__main__ import main as export_main
 from midisc.train import train
@@ -173,3 +173,23 @@ def test_statistics_replaced_after_export_are_reported_stale_until_exported_agai
     capsys.readouterr()
     code, results, _ = checks(capsys, run_id, "--db", url, "--no-model")
     assert code == 0, results
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbled header"])
+def test_a_damaged_weights_file_is_one_line_in_every_tool(published, capsys, damage):
+    out, url, run_id = published
+    path = out / "sae" / "sae_weights.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3] if damage == "truncated" else b"\xff" * 16 + data[16:])
+
+    code, results, _ = checks(capsys, run_id, "--db", url, "--no-model")
+    failed = {name: c["reason"] for name, c in results.items() if c["status"] == "FAIL"}
+    assert code == 1 and failed and all("\n" not in reason for reason in failed.values())
+    assert any("sae_weights.safetensors" in reason for reason in failed.values()), failed
+    said = f"run {run_id}'s SAE does not load: {path} cannot be read ("
+    # explore details shows what the database holds, and why the output tokens, which need the SAE, are missing
+    details = run_cli(["midisc.explore", "details", str(run_id), "0", "--db", url], cwd=out.parent)
+    assert details.returncode == 0 and f"not shown: {said}" in details.stdout, details.stderr[-2000:]
+    analyzed = run_cli(["midisc.analyze", str(run_id), "--db", url], cwd=out.parent)
+    assert analyzed.returncode == 2 and analyzed.stderr.startswith(f"error: {said}"), analyzed.stderr[-2000:]
+    assert analyzed.stderr.strip().count("\n") == 0
