@@ -16,13 +16,14 @@ from dotenv import load_dotenv
 from rich import box
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from midisc.concepts import ConceptError
 from midisc.corpus import CorpusError
 from midisc.lm import ModelError
 from midisc.runs import RunError
 from midisc.store import Store, StoreError, UnknownRunError
-from midisc.store.engine import resolve_db_url
+from midisc.store.engine import driver_message, resolve_db_url
 
 
 
@@ -70,6 +71,11 @@ def run_tool(main: Callable[[list[str] | None], int | None], argv: list[str] | N
         code = main(argv)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except (OperationalError, InterfaceError) as err:  # the database went away under the command
+        print(f"error: the database stopped working during the command ({driver_message(err)}): was its file deleted "
+              "or replaced, or its server stopped? What the command had not written yet is not stored",
+              file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

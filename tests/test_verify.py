@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import compose_config, run_cli, tiny_overrides
 from midisc import verify
+from midisc.cli import run_tool
 from midisc.export.__main__ import main as export_main
 from midisc.train import train
 
@@ -193,3 +194,23 @@ def test_a_damaged_weights_file_is_one_line_in_every_tool(published, capsys, dam
     analyzed = run_cli(["midisc.analyze", str(run_id), "--db", url], cwd=out.parent)
     assert analyzed.returncode == 2 and analyzed.stderr.startswith(f"error: {said}"), analyzed.stderr[-2000:]
     assert analyzed.stderr.strip().count("\n") == 0
+
+
+def test_a_database_deleted_while_analyze_runs_is_one_line(published, capsys, monkeypatch):
+    from midisc import analyze
+
+    out, url, run_id = published
+    original = analyze.analyze
+
+    def analyze_then_lose_the_database(*args, **kwargs):
+        result = original(*args, **kwargs)
+        (out.parent / "runs.db").unlink()
+        return result
+
+    monkeypatch.setattr(analyze, "analyze", analyze_then_lose_the_database)
+    with pytest.raises(SystemExit) as stopped:
+        run_tool(analyze.main, [str(run_id), "--db", url])
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # after the progress bars
+    assert stopped.value.code == 2 and "Traceback" not in err and "\nerror: " not in err.strip().replace(last, "")
+    assert last.startswith("error: the database stopped working during the command (") and "deleted" in last
