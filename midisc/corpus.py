@@ -329,27 +329,50 @@ def _groups(texts: list[str]):
         yield group, ends
 
 
-def _tokenise(texts: list[str], tokenizer, separator_id: int) -> torch.Tensor:
-    """The ids of every text, each followed by `separator_id`, as one LongTensor."""
+# A cap on a document's tokens is applied to its characters first, so a 5 MB single-line file is not tokenised
+# whole only to be cut: no tokenizer we know averages more characters per token than this.
+MAX_CHARS_PER_TOKEN = 16
+
+
+def _tokenise(texts: list[str], tokenizer, separator_id: int,
+              max_doc_tokens: int | None = None) -> tuple[torch.Tensor, list[int]]:
+    """The ids of every text, each followed by `separator_id`, as one LongTensor; with `max_doc_tokens`, only
+    each text's first that many. Also the indices of the texts that were cut."""
+    if max_doc_tokens is not None:
+        texts = [text[: max_doc_tokens * MAX_CHARS_PER_TOKEN] for text in texts]
     chunks = [torch.zeros(0, dtype=torch.long)]
+    cut: list[int] = []
+    doc, in_doc = 0, 0  # the document the next piece belongs to, and the tokens of it kept so far
     for group, ends in _groups(texts):
         flat: list[int] = []
         for ids, last in zip(tokenizer(group, add_special_tokens=False, verbose=False)["input_ids"], ends):
+            if max_doc_tokens is not None and in_doc + len(ids) > max_doc_tokens:
+                ids = ids[: max(max_doc_tokens - in_doc, 0)]
+                if not cut or cut[-1] != doc:
+                    cut.append(doc)
             flat.extend(ids)
+            in_doc += len(ids)
             if last:
                 flat.append(separator_id)
+                doc, in_doc = doc + 1, 0
         chunks.append(torch.tensor(flat, dtype=torch.long))
-    return torch.cat(chunks)
+    return torch.cat(chunks), cut
 
 
 def pack(texts: list[str], tokenizer, context_size: int, separator_id: int,
-         bos_id: int | None = None) -> torch.Tensor:
+         bos_id: int | None = None, max_doc_tokens: int | None = None) -> torch.Tensor:
     """Tokenise, join documents with `separator_id` and cut into contexts -> LongTensor [n, context_size].
 
     With `bos_id`, each context starts with it (models trained that way expect it). The last partial
-    context is dropped so every row has the same length.
+    context is dropped so every row has the same length. With `max_doc_tokens`, a longer document keeps
+    only its first that many tokens, with a warning: one huge file would otherwise be most of the data.
     """
-    flat = _tokenise(texts, tokenizer, separator_id)
+    flat, cut = _tokenise(texts, tokenizer, separator_id, max_doc_tokens)
+    if cut:
+        longest = max(len(texts[i]) for i in cut)
+        log.warning(f"{len(cut)} document(s) hold more than max_doc_tokens={max_doc_tokens} tokens (the longest "
+                    f"{longest:,} characters) and were cut to their first {max_doc_tokens}; set max_doc_tokens=null "
+                    "to keep every token")
     body = context_size - (bos_id is not None)
     n = len(flat) // body
     if n == 0:

@@ -158,10 +158,20 @@ def resolve_hook(config, *, layer: int, site: str, hooks: dict[str, str], hook: 
     return path
 
 
+def load_tokenizer(name: str, *, gguf_package: str | None = None, gguf_file: str | None = None):
+    """The model's tokenizer alone: enough to count a corpus's tokens before the weights load."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_source(name, gguf_package, gguf_file))
+    except Exception as err:
+        raise _not_available(name, err) from None
+
+
 def load_model(name: str, *, gguf_package: str | None = None, gguf_file: str | None = None,
-               dtype: str = "float32", device_map: str | None = "auto") -> LoadedModel:
-    """Load model and tokenizer in eval mode; spread over GPUs with accelerate when there are any."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+               dtype: str = "float32", device_map: str | None = "auto", tokenizer=None) -> LoadedModel:
+    """Load model and tokenizer (unless given) in eval mode; spread over GPUs with accelerate when there are any."""
+    from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise ModelError(f"model.dtype={dtype!r} is not supported; valid: {', '.join(DTYPES)}")
@@ -169,8 +179,9 @@ def load_model(name: str, *, gguf_package: str | None = None, gguf_file: str | N
     kwargs: dict = {"dtype": DTYPES[dtype]}
     if device_map and torch.cuda.is_available():
         kwargs["device_map"] = device_map
+    if tokenizer is None:
+        tokenizer = load_tokenizer(name, gguf_package=gguf_package, gguf_file=gguf_file)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except Exception as err:
         raise _not_available(name, err) from None

@@ -77,7 +77,8 @@ def run_texts(run: OpenedRun) -> tuple[list[str], list[str]]:
 
 
 def contexts(run: OpenedRun, model: RunModel, texts: list[str]) -> torch.Tensor:
-    return corpus.pack(texts, model.loaded.tokenizer, run.config["context_size"], model.separator, model.bos)
+    return corpus.pack(texts, model.loaded.tokenizer, run.config["context_size"], model.separator, model.bos,
+                       run.config.get("max_doc_tokens"))  # runs recorded before the cap had none
 
 
 def harvest_run(run: OpenedRun, model: RunModel, contexts_: torch.Tensor,

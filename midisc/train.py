@@ -231,25 +231,28 @@ def sync_command(journal: Journal) -> str:
 def _fit(cfg: DictConfig, output_dir: Path, store: Store | None, run_id: int | None, hook: str,
          train_texts: list[str], heldout_texts: list[str], resume_from: Path | None) -> Result:
     m, acts = cfg.model, cfg.activations
-    loaded = lm.load_model(m.name, gguf_package=m.gguf_package, gguf_file=m.gguf_file, dtype=m.dtype,
-                           device_map=m.device_map)
-    module = dict(loaded.model.named_modules())[hook]
-    separator, special = lm.special_token_ids(loaded.tokenizer, m.separator)
-    bos = loaded.tokenizer.bos_token_id if m.prepend_bos else None
-    train_ctx = corpus.pack(train_texts, loaded.tokenizer, cfg.context_size, separator, bos)
-    heldout_ctx = corpus.pack(heldout_texts, loaded.tokenizer, cfg.context_size, separator, bos)
-
-    options = dict(special_ids=special, batch_contexts=acts.lm_batch_size, outlier_factor=acts.outlier_factor,
-                   store_dtype=acts.dtype)
+    # The tokenizer first: the data can refuse the batch size before the weights take their time to load.
+    tokenizer = lm.load_tokenizer(m.name, gguf_package=m.gguf_package, gguf_file=m.gguf_file)
+    separator, special = lm.special_token_ids(tokenizer, m.separator)
+    bos = tokenizer.bos_token_id if m.prepend_bos else None
+    train_ctx = corpus.pack(train_texts, tokenizer, cfg.context_size, separator, bos, cfg.max_doc_tokens)
+    heldout_ctx = corpus.pack(heldout_texts, tokenizer, cfg.context_size, separator, bos, cfg.max_doc_tokens)
     expected = int(keep_mask(train_ctx, special).sum())
     if cfg.max_vectors is not None:
         expected = min(expected, cfg.max_vectors)
     if expected < cfg.batch_size:
         raise ConfigError(f"the {len(train_ctx)} training contexts give at most {expected} activation vectors, "
                           f"fewer than one batch of batch_size={cfg.batch_size}; raise max_samples or lower batch_size")
+    loaded = lm.load_model(m.name, gguf_package=m.gguf_package, gguf_file=m.gguf_file, dtype=m.dtype,
+                           device_map=m.device_map, tokenizer=tokenizer)
+    module = dict(loaded.model.named_modules())[hook]
+
+    options = dict(special_ids=special, batch_contexts=acts.lm_batch_size, outlier_factor=acts.outlier_factor,
+                   store_dtype=acts.dtype)
     # Everything that decides the activations; runs that agree on it share one cache (the SAE settings don't).
     producer = dict(model=m.name, gguf=m.gguf_file, hook=hook, data=OmegaConf.to_container(cfg.data),
-                    max_samples=cfg.max_samples, max_vectors=cfg.max_vectors, seed=cfg.seed,
+                    max_samples=cfg.max_samples, max_vectors=cfg.max_vectors, max_doc_tokens=cfg.max_doc_tokens,
+                    seed=cfg.seed,
                     context_size=cfg.context_size, separator=m.separator, bos=m.prepend_bos,
                     outlier_factor=acts.outlier_factor, dtype=acts.dtype, model_dtype=m.dtype,
                     lm_batch_size=acts.lm_batch_size)  # outliers are judged against each forward batch's median

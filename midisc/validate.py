@@ -134,6 +134,8 @@ def check_config(cfg: DictConfig) -> None:
         _int(cfg, "resume", 1)
     if _get(cfg, "max_vectors") is not None:
         _int(cfg, "max_vectors", _get(cfg, "batch_size"))
+    if _get(cfg, "max_doc_tokens") is not None:
+        _int(cfg, "max_doc_tokens", 1)
     _class(cfg, "sae._target_", "midisc.sae.TopKSAE")
     if "k" in cfg.sae:
         _int(cfg, "sae.k", 1)

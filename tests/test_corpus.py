@@ -244,3 +244,19 @@ def test_long_documents_are_cut_at_whitespace_without_changing_the_tokens(tmp_pa
 def test_pack_too_few_tokens_is_an_error():
     with pytest.raises(CorpusError, match="fewer than one context of 64"):
         pack(["ab"], CharTokenizer(), context_size=64, separator_id=0)
+
+
+@pytest.mark.parametrize("piece_chars", [100_000, 7])  # the huge document whole, or in pieces across groups
+def test_a_document_longer_than_max_doc_tokens_is_cut_with_a_warning(caplog, monkeypatch, piece_chars):
+    monkeypatch.setattr(corpus, "PIECE_CHARS", piece_chars)
+    monkeypatch.setattr(corpus, "GROUP_CHARS", 20)
+    huge = "".join(chr(97 + i % 26) for i in range(5000))
+    with caplog.at_level("WARNING"):
+        whole = pack(["abcd", huge, "xyz"], CharTokenizer(), context_size=4, separator_id=0, max_doc_tokens=5000)
+        assert caplog.text == ""
+        capped = pack(["abcd", huge, "xyz"], CharTokenizer(), context_size=4, separator_id=0, max_doc_tokens=10)
+    assert whole.numel() == (5 + 5001 + 4) // 4 * 4
+    # each document keeps at most its first 10 tokens: the first and last whole, the huge one cut
+    assert capped.flatten().tolist() == [97, 98, 99, 100, 0, *[ord(c) for c in huge[:10]], 0, 120, 121, 122, 0]
+    assert "1 document(s) hold more than max_doc_tokens=10 tokens (the longest 5,000 characters)" in caplog.text
+    assert "max_doc_tokens=null" in caplog.text

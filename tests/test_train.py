@@ -104,7 +104,11 @@ def test_disk_cache_is_written_and_reused(tmp_path, tiny_llama, text_folder, cap
     (("export.features_per_batch=0",), ConfigError, "export.features_per_batch=0 is too small; it must be >= 1"),
     (("export.neuronpedia=maybe",), ConfigError, "export.neuronpedia must be true or false, got 'maybe'"),
 ])
-def test_bad_input_fails_with_one_line(tmp_path, tiny_llama, text_folder, extra, error, message):
+def test_bad_input_fails_with_one_line(tmp_path, tiny_llama, text_folder, monkeypatch, extra, error, message):
+    def load_model(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the bad input was found")
+
+    monkeypatch.setattr(train_mod.lm, "load_model", load_model)  # every check here needs no weights
     with pytest.raises(error) as info:
         run_tiny(tmp_path, tiny_llama, text_folder, *extra)
     assert message in str(info.value) and "\n" not in str(info.value) and "s3cret" not in str(info.value)
