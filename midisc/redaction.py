@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 
 _COLON = r"(?:\\*:|%3[Aa])"
@@ -55,6 +56,32 @@ def scrub_hydra_files(output_dir: Path, sweep_dir: Path | None = None) -> int:
     if sweep_dir is not None:
         files.append(Path(sweep_dir) / "multirun.yaml")
     return sum(scrub_file(path) for path in files if path.is_file())
+
+
+class RedactedStream:
+    """A text stream that hides URL passwords in whatever is written through it.
+
+    For the console: Hydra writes a failed job's overrides ("Error executing job with overrides: [...]")
+    straight to sys.stderr, past every log record.
+    """
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(redact_text(text) if "@" in text or "%40" in text else text)
+        return len(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def redact_console() -> None:
+    """Hide URL passwords in everything this process prints on stdout and stderr from now on."""
+    if not isinstance(sys.stdout, RedactedStream):
+        sys.stdout = RedactedStream(sys.stdout)
+    if not isinstance(sys.stderr, RedactedStream):
+        sys.stderr = RedactedStream(sys.stderr)
 
 
 def redact_log_records() -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -47,7 +48,7 @@ from midisc.export import run_info
 from midisc.features import frequency_bins
 from midisc.lm import ModelError
 from midisc.module import FoldInputScale, NonFiniteLossError, SAEModule, StopOnNonFiniteLoss
-from midisc.redaction import redact_log_records, redact_text, scrub_hydra_files
+from midisc.redaction import redact_console, redact_log_records, redact_text, scrub_hydra_files
 from midisc.store import Store, StoreError, UnknownRunError, redact_url
 from midisc.store.engine import postgres_url_from_env
 from midisc.store.journal import PENDING_FILENAME, Journal
@@ -362,6 +363,31 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
 
 
+def log_into_run_folder(fresh: Path, run_folder: Path) -> None:
+    """Send a resume's log to the resumed run's train.log and remove the folder Hydra made for the resume.
+
+    Hydra gives every invocation a new outputs/<date>/<time>/ folder; a resume trains in the run's own
+    folder, so the new one would hold nothing but its log and .hydra/ (the resume's two overrides).
+    """
+    for handler in logging.getLogger().handlers:
+        if not isinstance(handler, logging.FileHandler) or Path(handler.baseFilename).parent != fresh:
+            continue
+        old = Path(handler.baseFilename)
+        handler.close()
+        target = run_folder / old.name
+        if old.is_file():  # what was logged before the resume knew its run
+            with open(target, "a") as log_file:
+                log_file.write(old.read_text())
+            old.unlink()
+        handler.baseFilename, handler.mode = str(target), "a"  # reopened there at the next record
+    shutil.rmtree(fresh / ".hydra", ignore_errors=True)
+    for folder in (fresh, fresh.parent):  # the time folder, then the date folder when nothing else is in it
+        try:
+            folder.rmdir()
+        except OSError:
+            break
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     redact_log_records()  # again here: a joblib sweep runs this in worker processes that never ran __main__
@@ -371,7 +397,10 @@ def main(cfg: DictConfig) -> None:
     scrub_hydra_files(output_dir, Path(sweep_dir) if sweep_dir else None)  # a password given in storage.url
     try:
         if cfg.resume is not None:
+            fresh = output_dir
             cfg, output_dir = resumed_config(cfg)
+            if sweep_dir is None:
+                log_into_run_folder(fresh, output_dir)
         result = train(cfg, output_dir)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
@@ -385,4 +414,5 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     load_dotenv(Path.cwd() / ".env")  # POSTGRES_* and MIDISC_DB_URL may live in a .env file
     redact_log_records()  # before Hydra's launcher logs each job's overrides, storage.url among them
+    redact_console()  # and before it prints a failed job's overrides straight to stderr
     main()

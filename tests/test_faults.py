@@ -97,6 +97,10 @@ def test_a_killed_run_resumes_into_the_same_run_and_no_file_holds_the_password(
         assert after["status"] == "completed" and after["output_dir"] == run["output_dir"]
         resumed_counts = row_counts(store, run["id"])
     assert not (Path(run["output_dir"]) / CHECKPOINT_DIR).exists()  # removed once the run completed
+    # The resume logged into the run's own train.log and left no folder of its own behind.
+    assert [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()] == [Path(run["output_dir"])]
+    log_text = (Path(run["output_dir"]) / "train.log").read_text()
+    assert f"resuming run {run['id']} from step" in log_text
 
     # The same run without the kill: the same rows.
     baseline = train(tiny_cfg(tiny_llama, text_folder, f"sqlite:///{tmp_path / 'base.db'}", *settings),

@@ -1,10 +1,11 @@
 """Passwords in URLs are hidden however they are spelled: plain, quoted, Hydra-escaped, URL-encoded."""
 
+import io
 import logging
 
 import pytest
 
-from midisc.redaction import redact_log_records, redact_text, scrub_hydra_files
+from midisc.redaction import RedactedStream, redact_log_records, redact_text, scrub_hydra_files
 
 SECRET = "S3cr-t"
 
@@ -52,3 +53,14 @@ def test_log_records_are_redacted_whatever_handler_writes_them(caplog):
     with caplog.at_level(logging.INFO):
         logging.getLogger("hydra").info("\t#0 : seed=1 storage.url=%s", f"postgresql\\://u\\:{SECRET}@h/db")
     assert SECRET not in caplog.text and "u\\:***@h/db" in caplog.text
+
+
+def test_what_is_printed_through_a_redacted_stream_hides_passwords():
+    # Hydra prints a failed job's overrides straight to stderr, past every log record.
+    sink = io.StringIO()
+    stream = RedactedStream(sink)
+    line = f"Error executing job with overrides: ['storage.url=postgresql\\\\://u\\\\:{SECRET}@h/db']\n"
+    assert stream.write(line) == len(line)
+    stream.write("progress 10%\r")
+    assert SECRET not in sink.getvalue() and "u\\\\:***@h/db" in sink.getvalue()
+    assert sink.getvalue().endswith("progress 10%\r") and stream.getvalue() == sink.getvalue()
