@@ -27,6 +27,7 @@ LAST = "last.ckpt"
 PREVIOUS = "previous.ckpt"
 DAMAGED_SUFFIX = ".damaged"
 LOCK_FILENAME = ".running.lock"
+EPOCH_TOTALS_KEY = "midisc_epoch_totals"
 
 
 class CheckpointError(RuntimeError):
@@ -89,6 +90,7 @@ class Checkpointer(L.Callback):
     def __init__(self, folder: Path, every_n_steps: int) -> None:
         self.folder = Path(folder)
         self.every_n_steps = every_n_steps
+        self._carried: dict | None = None  # epoch totals read from the checkpoint a run resumes from
 
     def save(self, trainer: L.Trainer) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -99,8 +101,20 @@ class Checkpointer(L.Callback):
         os.replace(tmp, self.folder / LAST)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if self._carried is not None:  # the first step after a resume has logged: its epoch totals exist now
+            if self._carried["epoch"] == trainer.current_epoch:
+                carry_epoch_totals(trainer, self._carried["totals"])
+            self._carried = None
         if trainer.global_step % self.every_n_steps == 0:
             self.save(trainer)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        # The sums behind this epoch's train/* averages: without them, a resumed epoch's row in epoch_metrics
+        # would average only the steps after the resume.
+        checkpoint[EPOCH_TOTALS_KEY] = {"epoch": trainer.current_epoch, "totals": epoch_totals(trainer)}
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self._carried = checkpoint.get(EPOCH_TOTALS_KEY)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.save(trainer)
@@ -114,6 +128,28 @@ class Checkpointer(L.Callback):
     def discard(self) -> None:
         """Remove the checkpoints once the run has completed: its SAE is in sae/ and they are large."""
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def epoch_totals(trainer: L.Trainer) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{metric: (weighted sum, count)} of every mean logged on_epoch by the training step so far this epoch.
+
+    Lightning keeps these in the epoch loop's result collection, which it does not checkpoint.
+    """
+    results = trainer.fit_loop.epoch_loop._results
+    return {key: (metric.value.detach().cpu().clone(), metric.cumulated_batch_size.detach().cpu().clone())
+            for key, metric in results.items()
+            if key.startswith("training_step.") and metric.is_tensor and metric.meta.on_epoch
+            and metric.meta.is_mean_reduction}
+
+
+def carry_epoch_totals(trainer: L.Trainer, totals: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Add the totals of the steps before a resume to this epoch's, as if the run had never stopped."""
+    results = trainer.fit_loop.epoch_loop._results
+    for key, (value, count) in totals.items():
+        if key in results:
+            metric = results[key]
+            metric.value = metric.value + value.to(metric.value.device)
+            metric.cumulated_batch_size = metric.cumulated_batch_size + count.to(metric.cumulated_batch_size.device)
 
 
 def trainer_position(trainer: L.Trainer) -> Callable[[], tuple[int, int]]:

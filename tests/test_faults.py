@@ -321,6 +321,14 @@ def test_a_run_stopped_in_a_later_epoch_resumes_to_the_same_weights(tmp_path, ti
     assert all(torch.equal(twin_state[name], state[name]) for name in state), [
         name for name in state if not torch.equal(twin_state[name], state[name])]
     assert (tmp_path / "run" / "curves.csv").read_text() == (tmp_path / "twin" / "curves.csv").read_text()
+    # The resumed epoch's training averages cover its steps before the resume too.
+    with Store(cfg.storage.url) as store, Store(f"sqlite:///{tmp_path / 'twin.db'}") as twin_store:
+        rows, twin_rows = store.epoch_metrics(run["id"]), twin_store.epoch_metrics(twin.run_id)
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    for row, twin_row in zip(rows, twin_rows):
+        assert row["metrics"].keys() == twin_row["metrics"].keys()
+        for name, value in twin_row["metrics"].items():
+            assert row["metrics"][name] == pytest.approx(value, rel=1e-5), (row["epoch"], name)
 
 
 def test_a_damaged_checkpoint_falls_back_to_the_one_before_and_then_says_how_to_start_over(
