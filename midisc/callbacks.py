@@ -16,10 +16,11 @@ from tqdm.auto import tqdm
 
 from midisc.activations import ContextChunk
 from midisc.evaluation import EVAL_TYPE, core_report, headline, reconstruction
-from midisc.export import PROBE_FILENAME, FeatureTable, Publication, Written, add_profiles, write_all, write_probe
+from midisc.publish.publication import PROBE_FILENAME, FeatureTable, Publication, add_profiles, write_probe
+from midisc.publish.write import Written, write_all
 from midisc.features import FeatureAnalysis, analyze, example_rows
 from midisc.metrics import evaluate
-from midisc.sae import WEIGHTS_FILENAME
+from midisc.sae.io import WEIGHTS_FILENAME
 from midisc.splice import splice_totals
 from midisc.store import Store
 

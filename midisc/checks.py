@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from midisc.export import PROBE_FILENAME
-from midisc.export.dashboard import ACTIVATION_FIELDS, FEATURE_FIELDS, META_FILES, check_row
-from midisc.export.neuronpedia import (ANALYSIS_FILENAME, DECODER_FILENAME, METADATA_FILENAME, MODEL_FILENAME,
+from midisc.publish.publication import PROBE_FILENAME
+from midisc.publish.dashboard import ACTIVATION_FIELDS, FEATURE_FIELDS, META_FILES, check_row
+from midisc.publish.neuronpedia import (ANALYSIS_FILENAME, DECODER_FILENAME, METADATA_FILENAME, MODEL_FILENAME,
                                        PACKAGE_FILES)
-from midisc.export.saelens import SPARSITY_FILENAME, log10_density
-from midisc.sae import CFG_FILENAME, WEIGHTS_FILENAME, load_sae
+from midisc.publish.saelens import SPARSITY_FILENAME, log10_density
+from midisc.sae.io import CFG_FILENAME, WEIGHTS_FILENAME, load_sae
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 # A unit-norm row, up to float32 rounding of the last normalisation step.

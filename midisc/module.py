@@ -21,7 +21,7 @@ import torch
 from midisc import metrics
 from midisc.resampling import resample_dead
 from midisc.sae import SparseAutoencoder
-from midisc.sparse_ops import DeadFeatures
+from midisc.sae.sparse_ops import DeadFeatures
 
 
 class NonFiniteLossError(ArithmeticError):

@@ -44,7 +44,7 @@ from midisc.callbacks import CURVES_FILENAME, Evaluator, ProgressBar, Publisher,
 from midisc.checkpoints import (CHECKPOINT_DIR, CheckpointError, Checkpointer, RunLock, checkpoint_step,
                                 last_checkpoint, resume_checkpoint, trainer_position, trim_curves)
 from midisc.corpus import CorpusError
-from midisc.export import run_info
+from midisc.publish.publication import run_info
 from midisc.features import frequency_bins
 from midisc.lm import ModelError
 from midisc.module import FoldInputScale, NonFiniteLossError, SAEModule, StopOnNonFiniteLoss
@@ -147,6 +147,11 @@ def resumed_config(cfg: DictConfig) -> tuple[DictConfig, Path]:
         raise ConfigError(f"run {cfg.resume} is already completed; resume= continues a failed, interrupted or "
                           "killed run")
     stored = OmegaConf.create(run["config"])
+    # Runs recorded before midisc/sae/ was a package name their class in a module that is gone.
+    target = stored.get("sae", {}).get("_target_", "")
+    for legacy in ("midisc.sae_jump.", "midisc.sae_gated."):
+        if target.startswith(legacy):
+            stored.sae._target_ = "midisc.sae." + target.removeprefix(legacy)
     for key in cfg:  # settings added to midisc since the run started keep their defaults
         if key not in stored:
             stored[key] = cfg[key]

@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 from midisc.activations import STORE_DTYPES
 from midisc.corpus import SOURCES
 from midisc.lm import DTYPES
-from midisc.sae import B_DEC_METHODS
+from midisc.sae.base import B_DEC_METHODS
 
 
 def _precisions() -> tuple:
@@ -136,7 +136,7 @@ def check_config(cfg: DictConfig) -> None:
         _int(cfg, "max_vectors", _get(cfg, "batch_size"))
     if _get(cfg, "max_doc_tokens") is not None:
         _int(cfg, "max_doc_tokens", 1)
-    _class(cfg, "sae._target_", "midisc.sae.TopKSAE")
+    _class(cfg, "sae._target_", "midisc.sae.topk.TopKSAE")
     if "k" in cfg.sae:
         _int(cfg, "sae.k", 1)
     if "l1_coef" in cfg.sae:

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from conftest import compose_config, tiny_overrides
 from midisc.callbacks import sha256
 from midisc.runs import contexts, harvest_run, open_model, open_run, run_texts
-from midisc.sae import WEIGHTS_FILENAME
+from midisc.sae.io import WEIGHTS_FILENAME
 from midisc.store import Store
 from midisc.train import train
 

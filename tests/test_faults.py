@@ -366,3 +366,19 @@ def test_sigterm_stops_the_run_as_interrupted_naming_the_signal(tmp_path, tiny_l
     run = interrupted_run(monkeypatch, cfg, tmp_path / "run", 12, stop=lambda: os.kill(os.getpid(), signal.SIGTERM))
     assert run["error"] == f"stopped by SIGTERM; continue with: python -m midisc.train resume={run['id']}"
     assert (tmp_path / "run" / CHECKPOINT_DIR / LAST).is_file()  # saved on the way out, as on Ctrl-C
+
+
+def test_a_run_recorded_before_the_sae_package_resumes_with_its_class(tmp_path, tiny_llama, text_folder):
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    cfg = tiny_cfg(tiny_llama, text_folder, url, "sae=batchtopk")
+    recorded = train_mod.recorded_config(cfg)
+    recorded["sae"]["_target_"] = "midisc.sae_jump.BatchTopKSAE"  # the module it lived in until 2026-12
+    with Store(url) as store:
+        old = store.start_run(model="m", hook="h", layer=1, architecture="batchtopk", config=recorded,
+                              output_dir=str(tmp_path / "old"))
+        store.finish_run(old, "failed", error="killed")
+    with open_dict(cfg):
+        cfg.resume = old
+    resumed, _ = train_mod.resumed_config(cfg)
+    assert resumed.sae._target_ == "midisc.sae.BatchTopKSAE"
+    assert train_mod.get_class(resumed.sae._target_).__name__ == "BatchTopKSAE"

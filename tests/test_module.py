@@ -168,8 +168,8 @@ def test_resample_every_revives_dead_relu_features():
 # --- no host syncs in the hot loop ---------------------------------------------------------------
 from midisc.callbacks import ProgressBar  # noqa: E402
 from midisc.module import NonFiniteLossError, StopOnNonFiniteLoss, dead_bound  # noqa: E402
-from midisc.sae_gated import GatedSAE  # noqa: E402
-from midisc.sae_jump import BatchTopKSAE, JumpReLUSAE  # noqa: E402
+from midisc.sae.gated import GatedSAE  # noqa: E402
+from midisc.sae.jumprelu import BatchTopKSAE, JumpReLUSAE  # noqa: E402
 
 LOG_EVERY = 4
 # What makes the host wait for a GPU: reading a value back, indexing by a mask (its size is data) and nonzero.

@@ -14,7 +14,7 @@ from conftest import compose_config, run_cli, tiny_overrides
 from midisc import train as train_mod
 from midisc.callbacks import sha256
 from midisc.lm import ModelError
-from midisc.sae import WEIGHTS_FILENAME, load_sae
+from midisc.sae.io import WEIGHTS_FILENAME, load_sae
 from midisc.store import Store, StoreError
 from midisc.train import train
 from midisc.validate import ConfigError

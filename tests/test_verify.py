@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from conftest import compose_config, run_cli, tiny_overrides
 from midisc import verify
 from midisc.cli import run_tool
-from midisc.export.__main__ import main as export_main
+from midisc.export import main as export_main
 from midisc.train import train
 
 

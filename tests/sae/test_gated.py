@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from conftest import compose_config, tiny_overrides
 from midisc.module import SAEModule
 from midisc.sae import load_sae
-from midisc.sae_gated import GatedSAE
+from midisc.sae.gated import GatedSAE
 from test_module import fit, sparse_data
 
 D_IN, EXPANSION = 6, 4
@@ -125,7 +125,7 @@ def test_saves_in_the_saelens_gated_layout_and_reloads_bit_for_bit(tmp_path):
 
 
 def test_exports_carry_the_gated_tensors(tmp_path):
-    from midisc.export import write_all
+    from midisc.publish.write import write_all
     from test_export import D_IN as EXPORT_D_IN, make_pub
 
     sae = GatedSAE(EXPORT_D_IN, 4, seed=3)

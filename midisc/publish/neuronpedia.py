@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from midisc.export import Publication
+    from midisc.publish.publication import Publication
 
 METADATA_FILENAME = "neuronpedia_metadata.json"
 DECODER_FILENAME = "decoder_weights.npy"
@@ -34,7 +34,8 @@ def _number(value: float | None) -> float | None:
 
 
 def metadata(pub: Publication) -> dict[str, Any]:
-    from midisc.export import model_id, saelens, set_name, source_id
+    from midisc.publish import saelens
+    from midisc.publish.publication import model_id, set_name, source_id
 
     sae = pub.sae
     return {"model": pub.model, "neuronpedia_model_id": model_id(pub.model), "layer": pub.layer, "hook": pub.hook,
@@ -48,7 +49,7 @@ def metadata(pub: Publication) -> dict[str, Any]:
 
 
 def feature_analysis(pub: Publication) -> dict[str, Any]:
-    from midisc.export.saelens import log10_density
+    from midisc.publish.saelens import log10_density
 
     table = pub.features
     density = log10_density(table.frequency).tolist()
@@ -68,7 +69,7 @@ def feature_analysis(pub: Publication) -> dict[str, Any]:
 
 
 def write(pub: Publication, folder: Path) -> Path:
-    from midisc.export import saelens
+    from midisc.publish import saelens
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from midisc.sae import SparseAutoencoder, TopKSAE
-from midisc.sparse_ops import auxk_loss
-from midisc.sae_jump import BatchTopKSAE
+from midisc.sae.sparse_ops import auxk_loss
+from midisc.sae.jumprelu import BatchTopKSAE
 
 D, WIDTH = 8, 32
 

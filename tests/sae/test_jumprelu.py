@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from conftest import compose_config, tiny_overrides
 from midisc.module import SAEModule
 from midisc.sae import load_sae
-from midisc.sae_jump import BatchTopKSAE, JumpReLUSAE
+from midisc.sae.jumprelu import BatchTopKSAE, JumpReLUSAE
 from test_module import fit, sparse_data
 
 D_IN, EXPANSION = 6, 4

@@ -8,8 +8,6 @@ decides how strongly, so the L1 penalty, which only the gate feels, no longer sh
 
 Saved as SAELens saves it (sae_lens/saes/gated_sae.py): "architecture": "gated" in cfg.json and exactly
 W_enc, b_gate, r_mag, b_mag, W_dec, b_dec in sae_weights.safetensors (no b_enc).
-
-sae.py's `load_sae` imports this module when a folder says "gated"; nothing in sae.py needs it otherwise.
 """
 
 from __future__ import annotations
@@ -20,8 +18,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from midisc.sae import Output, SparseAutoencoder
-from midisc.sparse_ops import DeadFeatures
+from midisc.sae.base import Output, SparseAutoencoder
+from midisc.sae.sparse_ops import DeadFeatures
 
 # The tensors of SAELens's gated layout, in the order they are saved.
 GATED_TENSORS = ("W_enc", "W_dec", "b_dec", "b_gate", "r_mag", "b_mag")

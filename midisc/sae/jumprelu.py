@@ -6,8 +6,6 @@ W_enc, b_enc, W_dec, b_dec in sae_weights.safetensors (sae_lens/saes/jumprelu_sa
 saved the same way, with every feature sharing one threshold, in sae_lens/saes/batchtopk_sae.py).
 They differ in how the threshold is found: JumpReLU learns it through a straight-through estimator,
 BatchTopK keeps the k * B largest activations of a batch and tracks the smallest one it kept.
-
-sae.py's `load_sae` imports this module when a folder says "jumprelu"; nothing in sae.py needs it otherwise.
 """
 
 from __future__ import annotations
@@ -18,9 +16,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from midisc import sparse_ops
-from midisc.sae import Output, SparseAutoencoder, _is_int, check_auxk
-from midisc.sparse_ops import BatchTopKEncoder, DeadFeatures
+import midisc.sae.sparse_ops as sparse_ops
+from midisc.sae.base import Output, SparseAutoencoder, _is_int, check_auxk
+from midisc.sae.sparse_ops import BatchTopKEncoder, DeadFeatures
 
 
 def _positive_number(name: str, value: Any) -> float:

@@ -1,11 +1,11 @@
-"""Sparse autoencoders (ReLU + L1, TopK) and their save/load in the SAELens v6 folder layout.
+"""The sparse autoencoder every architecture builds on: parameters, decoder, init and the SAELens v6 save.
 
 An SAE maps an activation x [.., d_in] to non-negative codes [.., d_sae] and back:
 
     codes = f((x - b_dec) @ W_enc + b_enc)        x_hat = codes @ W_dec + b_dec
 
 with parameters named and shaped as SAELens v6 names them, so a saved folder (cfg.json +
-sae_weights.safetensors) loads in SAELens and Neuronpedia without conversion. This module knows
+sae_weights.safetensors) loads in SAELens and Neuronpedia without conversion. This package knows
 nothing of Lightning, SQL or language models: it takes tensors and plain values.
 """
 
@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from midisc import sparse_ops
-from midisc.sparse_ops import DeadFeatures, TopKEncoder
+from midisc.sae.sparse_ops import DeadFeatures
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
@@ -200,120 +199,6 @@ class SparseAutoencoder(nn.Module):
         self.load_state_dict(tensors, strict=True)
 
 
-class ReluSAE(SparseAutoencoder):
-    """ReLU codes with an L1 penalty on decoder-norm-weighted codes (Anthropic, April 2024)."""
-
-    architecture: ClassVar[str] = "standard"
-
-    def __init__(
-        self,
-        d_in: int,
-        expansion: int = 8,
-        *,
-        l1_coef: float = 1e-3,
-        d_sae: int | None = None,
-        seed: int | None = None,
-    ) -> None:
-        if not isinstance(l1_coef, (int, float)) or isinstance(l1_coef, bool) or not math.isfinite(l1_coef):
-            raise ValueError(f"l1_coef must be a finite number >= 0, got {l1_coef!r}")
-        if l1_coef < 0:
-            raise ValueError(f"l1_coef must be >= 0, got {float(l1_coef)}")
-        super().__init__(d_in, expansion, d_sae=d_sae, seed=seed)
-        self.l1_coef = float(l1_coef)
-
-    def encode(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled() and self.W_enc.requires_grad:
-            # Training: b_dec enters as b_dec @ W_enc, so its gradient is a vector product instead of the
-            # [B, d_sae] x [d_sae, d_in] product back to the input batch (one of the step's six big products).
-            return torch.relu(self.checked(x) @ self.W_enc + (self.b_enc - self.b_dec @ self.W_enc))
-        return torch.relu(self.pre_acts(x))  # inference: SAELens's sums, bit for bit
-
-    def objective(self, mse: Tensor, l1: Tensor, sparsity_scale: float = 1.0) -> Tensor:
-        return mse + sparsity_scale * self.l1_coef * l1
-
-    def hparams(self) -> dict[str, Any]:
-        return {**super().hparams(), "l1_coef": self.l1_coef}
-
-    def cfg_dict(self, metadata: dict | None = None) -> dict[str, Any]:
-        # SAELens keeps l1_coefficient in its training config only; metadata is the one place a
-        # SAELens-valid cfg.json can carry it, and load_sae reads it back from there.
-        return super().cfg_dict({**(metadata or {}), "l1_coefficient": self.l1_coef})
-
-
-class TopKSAE(SparseAutoencoder):
-    """Keeps the k largest pre-activations per token (Gao et al. 2024); sparsity is set, not penalised."""
-
-    architecture: ClassVar[str] = "topk"
-
-    def __init__(
-        self,
-        d_in: int,
-        expansion: int = 8,
-        *,
-        k: int = 32,
-        aux_k_coef: float = 1 / 32,
-        aux_k: int | None = None,
-        d_sae: int | None = None,
-        seed: int | None = None,
-    ) -> None:
-        super().__init__(d_in, expansion, d_sae=d_sae, seed=seed)
-        self.aux_k_coef, self.aux_k = check_auxk(aux_k_coef, aux_k, d_in, self.d_sae)
-        if not _is_int(k):
-            raise ValueError(f"k must be an integer, got {k!r}; choose 1 <= k <= {self.d_sae}")
-        if k < 1:
-            raise ValueError(f"k={k} must be at least 1; choose 1 <= k <= {self.d_sae}")
-        if k > self.d_sae:
-            width = (f"expansion {expansion} x d_in {d_in}" if self.d_sae == expansion * d_in
-                     else "d_sae given directly")
-            raise ValueError(
-                f"k={k} is larger than the SAE width {self.d_sae} ({width}); choose 1 <= k <= {self.d_sae}"
-            )
-        self.k = k
-
-    def encode(self, x: Tensor) -> Tensor:
-        # SAELens TopK: select on raw pre-activations, then ReLU only the selected values, so a row
-        # whose top-k includes negatives ends up with fewer than k nonzeros.
-        pre = self.pre_acts(x)
-        top = pre.topk(self.k, dim=-1)
-        return torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
-
-    def objective(self, mse: Tensor, l1: Tensor, sparsity_scale: float = 1.0) -> Tensor:
-        return mse
-
-    def forward(self, x: Tensor, *, sparsity_scale: float = 1.0, dead: Tensor | DeadFeatures | None = None) -> Output:
-        if not (torch.is_grad_enabled() and self.W_dec.requires_grad):
-            return super().forward(x)  # inference: the dense sums SAELens computes, bit for bit
-        return self._sparse_forward(x, dead)
-
-    def _sparse_forward(self, x: Tensor, dead: Tensor | DeadFeatures | None = None) -> Output:
-        """The training pass, with the same value and gradients as the dense one for a fraction of the work.
-
-        Dense, a step costs six [B, d_in] x [d_in, d_sae] products; here only the encoder's forward remains
-        (sparse_ops explains the rest), and b_dec enters the encoder as b_dec @ W_enc, so no gradient with
-        respect to the whole input batch is formed.
-        """
-        flat = self.checked(x).reshape(-1, self.d_in)
-        shift = self.b_enc - self.b_dec @ self.W_enc
-        top_values, indices = TopKEncoder.apply(flat, self.W_enc, shift, self.k)
-        values = torch.relu(top_values)
-        x_hat = sparse_ops.decode(indices, values, self.W_dec) + self.b_dec
-        mse = (x_hat - flat).pow(2).mean()
-        aux = sparse_ops.sparse_auxk(flat, self.W_enc, shift, self.W_dec, dead, self.aux_k, flat - x_hat) \
-            if self.aux_k_coef else None
-        with torch.no_grad():  # reported, not trained on: TopK's objective is the MSE alone
-            codes = flat.new_zeros(len(flat), self.d_sae).scatter(-1, indices, values)
-            l1 = (values * self.W_dec.norm(dim=1)[indices]).sum(dim=-1).mean()
-        shape = x.shape[:-1]
-        loss = mse if aux is None else mse + self.aux_k_coef * aux
-        return Output(x_hat=x_hat.reshape(*shape, self.d_in), codes=codes.reshape(*shape, self.d_sae),
-                      loss=loss, mse=mse, l1=l1, aux=aux)
-
-    def hparams(self) -> dict[str, Any]:
-        return {**super().hparams(), "k": self.k, "aux_k_coef": self.aux_k_coef, "aux_k": self.aux_k}
-
-    def cfg_dict(self, metadata: dict | None = None) -> dict[str, Any]:
-        return {**super().cfg_dict(metadata), "k": self.k, "rescale_acts_by_decoder_norm": False}
-
 
 def check_auxk(coef: Any, aux_k: Any, d_in: int, d_sae: int) -> tuple[float, int]:
     """Validated (aux_k_coef, aux_k); aux_k defaults to d_in // 2, as Gao et al. (2024) and sparsify use."""
@@ -327,74 +212,6 @@ def check_auxk(coef: Any, aux_k: Any, d_in: int, d_sae: int) -> tuple[float, int
 
 
 # The architectures cfg.json may name. JumpReLU (and BatchTopK, which SAELens saves as JumpReLU) lives in
-# sae_jump.py and Gated in sae_gated.py, which build on this module, so load_sae imports them only when a
-# folder needs them.
-SAVED_ARCHITECTURES = ("standard", "topk", "jumprelu", "gated")
-
-# cfg.json settings that would change the maths; we implement only these values, so refuse others
-# instead of silently computing something different from SAELens. Missing keys mean the default.
-_SUPPORTED_CFG = {
-    "apply_b_dec_to_input": True,
-    "normalize_activations": "none",
-    "reshape_activations": "none",
-    "rescale_acts_by_decoder_norm": False,
-}
-
-
-class SAEFileError(ValueError):
-    """A saved SAE's weights file exists but cannot be read; the message names the file."""
-
-
-def load_sae(folder: str | Path, device: str = "cpu") -> SparseAutoencoder:
-    """Rebuild an SAE from a SAELens-layout folder; returns it on `device`, in eval mode."""
-    folder = Path(folder)
-    cfg_path, weights_path = folder / CFG_FILENAME, folder / WEIGHTS_FILENAME
-    if not folder.is_dir():
-        raise FileNotFoundError(f"no SAE folder at {folder}")
-    for path in (cfg_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"SAE folder {folder} has no {path.name} (looked for {path})")
-    cfg = json.loads(cfg_path.read_text())
-
-    arch = cfg.get("architecture")
-    if arch not in SAVED_ARCHITECTURES:
-        raise ValueError(
-            f"unknown SAE architecture {arch!r} in {cfg_path}; valid: {', '.join(map(repr, SAVED_ARCHITECTURES))}"
-        )
-    for key, supported in _SUPPORTED_CFG.items():
-        if cfg.get(key, supported) != supported:
-            raise ValueError(f"{key}={cfg[key]!r} in {cfg_path} is not supported; only {supported!r}")
-    missing = [key for key in ("d_in", "d_sae") + (("k",) if arch == "topk" else ()) if key not in cfg]
-    if missing:
-        raise ValueError(f"{cfg_path} lacks required key(s) {', '.join(missing)}")
-
-    d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
-    # SAELens stores the width, not the expansion; recover it when d_sae is a whole multiple.
-    expansion = max(1, d_sae // d_in)
-    if arch == "topk":
-        sae: SparseAutoencoder = TopKSAE(d_in, expansion, k=int(cfg["k"]), d_sae=d_sae)
-    elif arch == "standard":
-        l1_coef = float((cfg.get("metadata") or {}).get("l1_coefficient", 0.0))
-        sae = ReluSAE(d_in, expansion, l1_coef=l1_coef, d_sae=d_sae)
-    elif arch == "gated":
-        from midisc.sae_gated import GatedSAE
-
-        l1_coef = float((cfg.get("metadata") or {}).get("l1_coefficient", 0.0))
-        sae = GatedSAE(d_in, expansion, l1_coef=l1_coef, d_sae=d_sae)
-    else:  # jumprelu: everything inference needs (the thresholds) comes with the weights
-        from midisc.sae_jump import JumpReLUSAE
-
-        sae = JumpReLUSAE(d_in, expansion, d_sae=d_sae)
-
-    try:
-        tensors = load_file(str(weights_path))
-    except Exception as error:  # safetensors' own SafetensorError on a damaged header, OSError on a short file
-        reason = " ".join(str(error).split())[:160] or type(error).__name__
-        raise SAEFileError(f"{weights_path} cannot be read ({reason}): it is damaged or cut short") from None
-    state = {name: t.to(torch.float32) for name, t in tensors.items()}
-    sae.load_tensors(state)
-    return sae.to(device).eval()
-
 
 def _geometric_median(points: Tensor, iters: int = 50, tol: float = 1e-6) -> Tensor:
     """Weiszfeld's algorithm for the point minimising the summed distance to `points` [N, d].

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from midisc.export import Publication
+    from midisc.publish.publication import Publication
 
 # Neuronpedia's seeded "bot" user, which SAEDashboard also uses when no creator is given.
 BOT_CREATOR_ID = "clkht01d40000jv08hvalcvly"
@@ -63,13 +63,13 @@ class Names:
 
     @classmethod
     def of(cls, pub: Publication) -> Names:
-        from midisc.export import model_id, set_name, source_id
+        from midisc.publish.publication import model_id, set_name, source_id
 
         return cls(model=model_id(pub.model), set=set_name(pub), source=source_id(pub))
 
 
 def metadata_rows(pub: Publication, names: Names, now: str) -> dict[str, dict[str, Any]]:
-    from midisc.export import layer_number
+    from midisc.publish.publication import layer_number
 
     model, name, source = names.model, names.set, names.source
     sae = pub.sae

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import save_file
 
-from midisc.sae import CFG_FILENAME
+from midisc.sae.io import CFG_FILENAME
 
 if TYPE_CHECKING:
-    from midisc.export import Publication
+    from midisc.publish.publication import Publication
 
 SPARSITY_FILENAME = "sparsity.safetensors"
 # SAELens reads a cfg.json without metadata.sae_lens_version as a pre-6.0 file and rebuilds its metadata
@@ -40,7 +40,7 @@ def log10_density(frequency: list[float]) -> torch.Tensor:
 
 
 def cfg_metadata(pub: Publication) -> dict[str, Any]:
-    from midisc.export import model_id, source_id
+    from midisc.publish.publication import model_id, source_id
 
     return {**pub.metadata, "model_class_name": "AutoModelForCausalLM", "sae_lens_version": SAELENS_FORMAT,
             "sae_lens_training_version": None, "midisc_version": midisc_version(), "midisc_run_id": pub.run_id,

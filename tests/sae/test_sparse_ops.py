@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from midisc.sae import SparseAutoencoder, TopKSAE
-from midisc.sae_jump import BatchTopKSAE
-from midisc.sparse_ops import BatchTopKEncoder, DeadFeatures, TopKEncoder, auxk_loss, decode, sparse_auxk
+from midisc.sae.jumprelu import BatchTopKSAE
+from midisc.sae.sparse_ops import BatchTopKEncoder, DeadFeatures, TopKEncoder, auxk_loss, decode, sparse_auxk
 
 
 def test_topk_encoder_passes_gradcheck_in_double():

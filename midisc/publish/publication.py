@@ -1,13 +1,4 @@
-"""Publishing a trained SAE: a SAELens folder, a Neuronpedia package and Neuronpedia dashboard files.
-
-Everything a run publishes is gathered first into one plain `Publication` (the SAE, what it was trained
-on, its feature statistics, examples and profiles), by the training callback at the end of a run or by
-`python -m midisc.export RUN` from the database; `write_all` then writes the three artifacts from it:
-
-    <run folder>/sae/                          SAELens v6: cfg.json, sae_weights.safetensors, sparsity.safetensors
-    <run folder>/run-<id>_neuronpedia/         metadata, decoder weights (.npy), feature analysis, sae_model.pt
-    <run folder>/exports/<model>/<layer>-<set>/   what Neuronpedia's importer reads (see dashboard.py)
-"""
+"""What a run publishes, gathered into one plain `Publication`, and the names its folders share."""
 
 from __future__ import annotations
 
@@ -143,13 +134,6 @@ def package_dir(output_dir: Path, pub: Publication) -> Path:
     return Path(output_dir) / f"{pub.name}_neuronpedia"
 
 
-@dataclass
-class Written:
-    saelens: Path
-    package: Path | None = None
-    dashboard: Path | None = None
-
-
 def add_profiles(pub: Publication, batches: Sequence[torch.Tensor], unembed: torch.Tensor | None,
                  decode: Callable[[Sequence[int]], list[str]], *, n_tokens: int = 10) -> Publication:
     """Fill in what the dashboards show beyond statistics: activation histograms (over `batches`, raw
@@ -161,18 +145,3 @@ def add_profiles(pub: Publication, batches: Sequence[torch.Tensor], unembed: tor
                              profiles.token_lists(pub.outputs.bottom_ids, decode))
     pub.similar = profiles.similar_features(pub.sae.W_dec.detach())
     return pub
-
-
-def write_all(pub: Publication, output_dir: Path, *, neuronpedia: bool = True, weights: bool = True,
-              features_per_batch: int = 128) -> Written:
-    """Write the artifacts under `output_dir`: always the SAELens folder, with `neuronpedia` also the package
-    and the dashboard files. `weights=False` leaves an existing SAE weights file alone."""
-    from midisc.export import dashboard, neuronpedia as package, saelens
-
-    output_dir = Path(output_dir)
-    written = Written(saelens=saelens.write(pub, output_dir / SAE_FOLDER, weights=weights))
-    if neuronpedia:
-        written.package = package.write(pub, package_dir(output_dir, pub))
-        if pub.activation_histograms is not None:
-            written.dashboard = dashboard.write(pub, dashboard_dir(output_dir, pub), features_per_batch=features_per_batch)
-    return written

@@ -10,9 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from midisc import export
-from midisc.export import FeatureTable, Publication, add_profiles, write_all
-from midisc.export.dashboard import ACTIVATION_FIELDS, FEATURE_FIELDS, META_FILES, check_row
+from midisc.publish import publication as export
+from midisc.publish.publication import FeatureTable, Publication, add_profiles
+from midisc.publish.write import write_all
+from midisc.publish.dashboard import ACTIVATION_FIELDS, FEATURE_FIELDS, META_FILES, check_row
 from midisc.sae import ReluSAE, TopKSAE, load_sae
 
 D_IN = 8

@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from midisc import lm
 from midisc.cli import UsageError, add_db_argument, make_console, open_store, run_tool
-from midisc.export import FeatureTable, Publication, add_profiles, run_info, write_all
+from midisc.publish.publication import FeatureTable, Publication, add_profiles, run_info
+from midisc.publish.write import write_all
 from midisc.runs import OpenedRun, contexts, harvest_run, open_model, open_run, run_texts
 from midisc.store import Store
 

@@ -1,0 +1,29 @@
+"""Write a `Publication` as the three artifacts: the SAELens folder, the Neuronpedia package, the dashboards."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from midisc.publish import dashboard, neuronpedia as package, saelens
+from midisc.publish.publication import SAE_FOLDER, Publication, dashboard_dir, package_dir
+
+
+@dataclass
+class Written:
+    saelens: Path
+    package: Path | None = None
+    dashboard: Path | None = None
+
+
+def write_all(pub: Publication, output_dir: Path, *, neuronpedia: bool = True, weights: bool = True,
+              features_per_batch: int = 128) -> Written:
+    """Write the artifacts under `output_dir`: always the SAELens folder, with `neuronpedia` also the package
+    and the dashboard files. `weights=False` leaves an existing SAE weights file alone."""
+    output_dir = Path(output_dir)
+    written = Written(saelens=saelens.write(pub, output_dir / SAE_FOLDER, weights=weights))
+    if neuronpedia:
+        written.package = package.write(pub, package_dir(output_dir, pub))
+        if pub.activation_histograms is not None:
+            written.dashboard = dashboard.write(pub, dashboard_dir(output_dir, pub), features_per_batch=features_per_batch)
+    return written

@@ -1,0 +1,51 @@
+"""ReLU codes with an L1 penalty on decoder-norm-weighted codes (Anthropic, April 2024): SAELens's "standard"."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from midisc.sae.base import SparseAutoencoder
+
+
+class ReluSAE(SparseAutoencoder):
+    """ReLU codes with an L1 penalty on decoder-norm-weighted codes (Anthropic, April 2024)."""
+
+    architecture: ClassVar[str] = "standard"
+
+    def __init__(
+        self,
+        d_in: int,
+        expansion: int = 8,
+        *,
+        l1_coef: float = 1e-3,
+        d_sae: int | None = None,
+        seed: int | None = None,
+    ) -> None:
+        if not isinstance(l1_coef, (int, float)) or isinstance(l1_coef, bool) or not math.isfinite(l1_coef):
+            raise ValueError(f"l1_coef must be a finite number >= 0, got {l1_coef!r}")
+        if l1_coef < 0:
+            raise ValueError(f"l1_coef must be >= 0, got {float(l1_coef)}")
+        super().__init__(d_in, expansion, d_sae=d_sae, seed=seed)
+        self.l1_coef = float(l1_coef)
+
+    def encode(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and self.W_enc.requires_grad:
+            # Training: b_dec enters as b_dec @ W_enc, so its gradient is a vector product instead of the
+            # [B, d_sae] x [d_sae, d_in] product back to the input batch (one of the step's six big products).
+            return torch.relu(self.checked(x) @ self.W_enc + (self.b_enc - self.b_dec @ self.W_enc))
+        return torch.relu(self.pre_acts(x))  # inference: SAELens's sums, bit for bit
+
+    def objective(self, mse: Tensor, l1: Tensor, sparsity_scale: float = 1.0) -> Tensor:
+        return mse + sparsity_scale * self.l1_coef * l1
+
+    def hparams(self) -> dict[str, Any]:
+        return {**super().hparams(), "l1_coef": self.l1_coef}
+
+    def cfg_dict(self, metadata: dict | None = None) -> dict[str, Any]:
+        # SAELens keeps l1_coefficient in its training config only; metadata is the one place a
+        # SAELens-valid cfg.json can carry it, and load_sae reads it back from there.
+        return super().cfg_dict({**(metadata or {}), "l1_coefficient": self.l1_coef})

@@ -1,0 +1,56 @@
+"""The package's layout holds: no import cycle, and the subpackages import only what their docstrings allow."""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "midisc"
+
+
+def imports() -> dict[str, set[str]]:
+    """{module: the midisc modules it imports}, read from the source (nothing is imported)."""
+    found: dict[str, set[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("midisc"):
+                deps |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+            elif isinstance(node, ast.Import):
+                deps |= {alias.name for alias in node.names if alias.name.startswith("midisc")}
+        found[name] = deps
+    return {name: {d for d in deps if d in found and d != name} for name, deps in found.items()}
+
+
+def cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle, as the modules along it, or None."""
+    state: dict[str, str] = {}
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = "open"
+        for dep in sorted(graph[node]):
+            if state.get(dep) == "open":
+                return path[path.index(dep):] + [dep]
+            if dep not in state and (found := visit(dep, path + [dep])):
+                return found
+        state[node] = "done"
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node, [node])):
+            return found
+    return None
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_module_imports_itself_through_others():
+    assert cycle(imports()) is None
+
+
+def test_the_sae_package_imports_nothing_else_of_midisc():
+    outside = {name: sorted(d for d in deps if not d.startswith("midisc.sae"))
+               for name, deps in imports().items() if name.startswith("midisc.sae")}
+    assert {name: deps for name, deps in outside.items() if deps} == {}
