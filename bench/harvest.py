@@ -1,6 +1,6 @@
-"""Harvest throughput: `midisc.activations.harvest_contexts` against bare transformers forwards of the same batches.
+"""Harvest throughput: `midisc.data.activations.harvest_contexts` against bare transformers forwards of the same batches.
 
-Why: the README says the forward stops at the hooked layer (`midisc.lm.capture`), so harvesting block 8 of 30
+Why: the README says the forward stops at the hooked layer (`midisc.data.lm.capture`), so harvesting block 8 of 30
 costs about a third of a full forward, and filtering plus the copy to the CPU should add next to nothing.
 
 - harvest: `harvest_contexts(model, model.model.layers[L], batch, ...)`, one batch of 32 contexts at a time,
@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from midisc import corpus, lm
-from midisc.activations import harvest_contexts
+from midisc.data import corpus, lm
+from midisc.data.activations import harvest_contexts
 
 import tiny
 from output import add_device, result, table

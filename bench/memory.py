@@ -34,7 +34,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from midisc import corpus, lm
+from midisc.data import corpus, lm
 
 import tiny
 from output import add_overrides, result, table

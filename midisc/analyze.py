@@ -17,7 +17,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from midisc import lm
+from midisc.data import lm
 from midisc.callbacks import record_analysis
 from midisc.cli import UsageError, add_db_argument, make_console, open_store, run_tool
 from midisc.features import analyze, example_rows, frequency_bins

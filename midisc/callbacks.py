@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from tqdm.auto import tqdm
 
-from midisc.activations import ContextChunk
+from midisc.data.activations import ContextChunk
 from midisc.evaluation import EVAL_TYPE, core_report, headline, reconstruction
 from midisc.publish.publication import PROBE_FILENAME, FeatureTable, Publication, add_profiles, write_probe
 from midisc.publish.write import Written, write_all

@@ -19,8 +19,8 @@ from rich.table import Table
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from midisc.concepts import ConceptError
-from midisc.corpus import CorpusError
-from midisc.lm import ModelError
+from midisc.data.corpus import CorpusError
+from midisc.data.lm import ModelError
 from midisc.runs import RunError
 from midisc.store import Store, StoreError, UnknownRunError
 from midisc.store.engine import driver_message, resolve_db_url

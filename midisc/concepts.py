@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from midisc.activations import drop_outliers, keep_mask
-from midisc.lm import capture
+from midisc.data.activations import drop_outliers, keep_mask
+from midisc.data.lm import capture
 from midisc.sae import SparseAutoencoder
 
 CONCEPT_DIR = Path(__file__).resolve().parent.parent / "concept_modules"

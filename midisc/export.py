@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from midisc import lm
+from midisc.data import lm
 from midisc.cli import UsageError, add_db_argument, make_console, open_store, run_tool
 from midisc.publish.publication import FeatureTable, Publication, add_profiles, run_info
 from midisc.publish.write import write_all

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from midisc.activations import ContextChunk
+from midisc.data.activations import ContextChunk
 from midisc.sae import SparseAutoencoder
 
 # The frequency bins researchers read SAE sparsity in (fraction of tokens a feature fires on).

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from midisc import corpus, lm
-from midisc.activations import ContextChunk, harvest_contexts
+from midisc.data import corpus, lm
+from midisc.data.activations import ContextChunk, harvest_contexts
 from midisc.profiles import output_effects, token_lists
 from midisc.sae import SparseAutoencoder, load_sae
 from midisc.store import Store

@@ -18,8 +18,8 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from midisc.activations import drop_outliers, keep_mask
-from midisc.lm import input_device
+from midisc.data.activations import drop_outliers, keep_mask
+from midisc.data.lm import input_device
 
 
 @dataclass

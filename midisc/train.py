@@ -36,17 +36,17 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from midisc import corpus, lm
-from midisc.activation_cache import CacheError, SharedCache, cache_bytes
-from midisc.activations import (ActivationStream, ContextChunk, MemoryCache, harvest, harvest_contexts, keep_mask,
+from midisc.data import corpus, lm
+from midisc.data.cache import CacheError, SharedCache, cache_bytes
+from midisc.data.activations import (ActivationStream, ContextChunk, MemoryCache, harvest, harvest_contexts, keep_mask,
                                 take_rows)
 from midisc.callbacks import CURVES_FILENAME, Evaluator, ProgressBar, Publisher, RunRecorder
 from midisc.checkpoints import (CHECKPOINT_DIR, CheckpointError, Checkpointer, RunLock, checkpoint_step,
                                 last_checkpoint, resume_checkpoint, trainer_position, trim_curves)
-from midisc.corpus import CorpusError
+from midisc.data.corpus import CorpusError
 from midisc.publish.publication import run_info
 from midisc.features import frequency_bins
-from midisc.lm import ModelError
+from midisc.data.lm import ModelError
 from midisc.module import FoldInputScale, NonFiniteLossError, SAEModule, StopOnNonFiniteLoss
 from midisc.redaction import redact_console, redact_log_records, redact_text, scrub_hydra_files
 from midisc.store import Store, StoreError, UnknownRunError, redact_url

@@ -1,7 +1,7 @@
 """Refuse an impossible config before anything slow happens, with one line naming the value and the valid range.
 
 Checks here need only the config itself; checks that need the model's shape (layer past the last block,
-k wider than the SAE, an unknown module path) run in `midisc.lm.resolve_hook` and the SAE constructors,
+k wider than the SAE, an unknown module path) run in `midisc.data.lm.resolve_hook` and the SAE constructors,
 still before any weights load.
 """
 
@@ -16,9 +16,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from midisc.activations import STORE_DTYPES
-from midisc.corpus import SOURCES
-from midisc.lm import DTYPES
+from midisc.data.activations import STORE_DTYPES
+from midisc.data.corpus import SOURCES
+from midisc.data.lm import DTYPES
 from midisc.sae.base import B_DEC_METHODS
 
 

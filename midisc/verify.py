@@ -21,7 +21,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 
-from midisc import lm, plots
+from midisc import plots
+from midisc.data import lm
 from midisc.callbacks import CURVES_FILENAME
 from midisc.checks import FAIL, PASS, SKIP, Skipped, Target, run_checks
 from midisc.cli import UsageError, add_db_argument, make_console, make_table, open_store, print_json, run_tool

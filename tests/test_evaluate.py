@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from midisc import lm
+from midisc.data import lm
 from midisc.evaluate import REPORT_FILENAME, main
 from midisc.evaluation import core_report, reconstruction
 from midisc.splice import splice_totals

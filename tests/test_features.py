@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from midisc import features
-from midisc.activations import ContextChunk
+from midisc.data.activations import ContextChunk
 from midisc.features import (FeatureAnalyzer, analyze, example_rows, feature_stats, frequency_bins,
                              log_density_histogram)
 from midisc.sae import ReluSAE

@@ -54,3 +54,9 @@ def test_the_sae_package_imports_nothing_else_of_midisc():
     outside = {name: sorted(d for d in deps if not d.startswith("midisc.sae"))
                for name, deps in imports().items() if name.startswith("midisc.sae")}
     assert {name: deps for name, deps in outside.items() if deps} == {}
+
+
+def test_the_data_package_imports_nothing_else_of_midisc():
+    outside = {name: sorted(d for d in deps if not d.startswith("midisc.data"))
+               for name, deps in imports().items() if name.startswith("midisc.data")}
+    assert {name: deps for name, deps in outside.items() if deps} == {}

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from midisc import lm, profiles
+from midisc import profiles
+from midisc.data import lm
 from midisc.sae import ReluSAE
 
 

@@ -13,7 +13,7 @@ from omegaconf import open_dict
 from conftest import compose_config, run_cli, tiny_overrides
 from midisc import train as train_mod
 from midisc.callbacks import sha256
-from midisc.lm import ModelError
+from midisc.data.lm import ModelError
 from midisc.sae.io import WEIGHTS_FILENAME, load_sae
 from midisc.store import Store, StoreError
 from midisc.train import train

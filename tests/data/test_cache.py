@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from midisc import activation_cache
-from midisc.activation_cache import CacheError, SharedCache, cache_bytes, cache_key
-from midisc.activations import ActivationStream, ContextChunk
+from midisc.data import cache as activation_cache
+from midisc.data.cache import CacheError, SharedCache, cache_bytes, cache_key
+from midisc.data.activations import ActivationStream, ContextChunk
 
 PRODUCER = dict(model="tiny", hook="model.layers.1", data={"name": "bbc"}, context_size=8)
 BIG = 10**12  # a budget that never binds

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import WORDS, make_tokenizer
-from midisc import corpus
-from midisc.corpus import CorpusError, load_texts, pack, read_folder, split_texts
+from midisc.data import corpus
+from midisc.data.corpus import CorpusError, load_texts, pack, read_folder, split_texts
 
 
 def test_bundled_bbc_corpus_reads_every_article():
@@ -127,7 +127,7 @@ def test_messy_folder_gives_clean_texts_and_one_line_of_counts(tmp_path, caplog,
     folder = messy_folder(tmp_path)
     (folder / "locked.txt").write_text("a file we may not read")
     refuse_to_read(monkeypatch, "locked.txt")
-    with caplog.at_level(logging.WARNING, logger="midisc.corpus"):
+    with caplog.at_level(logging.WARNING, logger="midisc.data.corpus"):
         texts = load_texts("local", path=str(folder))
     assert sorted(texts) == sorted([
         "a plain document", "a document saved with a BOM", "line one\r\nline two\r\n",

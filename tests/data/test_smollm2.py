@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from conftest import compose_config
-from midisc import corpus, lm
-from midisc.activations import filter_activations, keep_mask
+from midisc.data import corpus, lm
+from midisc.data.activations import filter_activations, keep_mask
 from midisc.store import Store
-from midisc.lm import special_token_ids
+from midisc.data.lm import special_token_ids
 from midisc.train import train
 
 pytestmark = pytest.mark.slow

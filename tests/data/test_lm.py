@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from midisc import lm
-from midisc.lm import ModelError
+from midisc.data import lm
+from midisc.data.lm import ModelError
 
 LLAMA_HOOKS = {"resid": "model.layers.{layer}", "mlp": "model.layers.{layer}.mlp",
                "attn": "model.layers.{layer}.self_attn"}

@@ -35,7 +35,7 @@ from typing import BinaryIO
 import torch
 from safetensors.torch import load_file, save
 
-from midisc.activations import STORE_DTYPES, ContextChunk
+from midisc.data.activations import STORE_DTYPES, ContextChunk
 
 ACTS_FILE, HELDOUT_FILE, META_FILE, RESERVED_FILE = "acts.bin", "heldout.safetensors", "meta.json", "expected_bytes"
 FORMAT = 1                # meta.json "format": a folder of another layout counts as incomplete and is replaced

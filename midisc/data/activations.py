@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import IterableDataset
 from tqdm.auto import tqdm
 
-from midisc.lm import capture
+from midisc.data.lm import capture
 
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -148,7 +148,7 @@ class MemoryCache:
 
 
 class ActivationCache(Protocol):
-    """Where epoch 1 leaves the vectors for later epochs: MemoryCache or activation_cache.SharedCache."""
+    """Where epoch 1 leaves the vectors for later epochs: MemoryCache or cache.SharedCache."""
 
     complete: bool
 

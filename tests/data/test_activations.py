@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from midisc import lm
-from midisc.activation_cache import SharedCache
-from midisc.activations import (ActivationStream, MemoryCache, filter_activations, harvest, keep_mask,
+from midisc.data import lm
+from midisc.data.cache import SharedCache
+from midisc.data.activations import (ActivationStream, MemoryCache, filter_activations, harvest, keep_mask,
                                 shuffled_batches, take_rows)
 
 
