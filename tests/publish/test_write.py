@@ -15,6 +15,7 @@ from midisc.publish.publication import FeatureTable, Publication, add_profiles
 from midisc.publish.write import write_all
 from midisc.publish.dashboard import ACTIVATION_FIELDS, FEATURE_FIELDS, META_FILES, check_row
 from midisc.sae import ReluSAE, TopKSAE, load_sae
+from midisc.sae.gated import GatedSAE
 
 D_IN = 8
 
@@ -175,3 +176,16 @@ def test_names_for_neuronpedia():
     assert export.source_id(pub) == "2-res_32k"  # "__" would end Neuronpedia's set name early
     pub.layer, pub.hook = None, "model.layers.7.mlp.down_proj"
     assert export.layer_number(pub) == 7
+
+
+def test_exports_carry_the_gated_tensors(tmp_path):
+    sae = GatedSAE(D_IN, 4, seed=3)
+    written = write_all(make_pub(sae), tmp_path)
+    package = torch.load(written.package / "sae_model.pt", weights_only=True)
+    assert package["cfg"]["architecture"] == "gated"
+    saved = set(load_file(str(written.saelens / "sae_weights.safetensors")))
+    assert set(package["state_dict"]) == saved == {"W_enc", "W_dec", "b_dec", "b_gate", "r_mag", "b_mag"}
+    assert "-midisc-gated-32-" in json.loads((written.saelens / "cfg.json").read_text())["metadata"]["neuronpedia_id"]
+    x = torch.randn(16, D_IN)
+    with torch.no_grad():
+        assert torch.equal(load_sae(written.saelens)(x).x_hat, sae(x).x_hat)

@@ -124,21 +124,6 @@ def test_saves_in_the_saelens_gated_layout_and_reloads_bit_for_bit(tmp_path):
                                                  "expansion": EXPANSION, "l1_coef": 0.02}
 
 
-def test_exports_carry_the_gated_tensors(tmp_path):
-    from midisc.publish.write import write_all
-    from test_export import D_IN as EXPORT_D_IN, make_pub
-
-    sae = GatedSAE(EXPORT_D_IN, 4, seed=3)
-    written = write_all(make_pub(sae), tmp_path)
-    package = torch.load(written.package / "sae_model.pt", weights_only=True)
-    assert package["cfg"]["architecture"] == "gated"
-    assert set(package["state_dict"]) == set(load_file(str(written.saelens / "sae_weights.safetensors"))) == set(SIX)
-    assert "-midisc-gated-32-" in json.loads((written.saelens / "cfg.json").read_text())["metadata"]["neuronpedia_id"]
-    x = torch.randn(16, EXPORT_D_IN)
-    with torch.no_grad():
-        assert torch.equal(load_sae(written.saelens)(x).x_hat, sae(x).x_hat)
-
-
 @pytest.mark.parametrize("scale", [4.0, 0.037])
 def test_folding_an_input_scale_changes_nothing_but_units(scale):
     sae, x = gated(), torch.randn(64, D_IN) * 3
