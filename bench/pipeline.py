@@ -37,7 +37,7 @@ import lightning as L
 from hydra import compose, initialize_config_dir
 
 import midisc.train
-from midisc import callbacks
+from midisc.training import callbacks
 from midisc.data import corpus, lm
 from midisc.store import Store
 

@@ -18,10 +18,10 @@ import torch
 from tqdm.auto import tqdm
 
 from midisc.data import lm
-from midisc.callbacks import record_analysis
+from midisc.training.callbacks import record_analysis
 from midisc.cli import UsageError, add_db_argument, make_console, open_store, run_tool
-from midisc.features import analyze, example_rows, frequency_bins
-from midisc.runs import contexts, harvest_run, open_model, open_run, run_texts
+from midisc.analysis.features import analyze, example_rows, frequency_bins
+from midisc.training.reopen import contexts, harvest_run, open_model, open_run, run_texts
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -10,18 +10,20 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 from dotenv import load_dotenv
 from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from midisc.concepts import ConceptError
+from midisc.analysis.concepts import ConceptError
 from midisc.data.corpus import CorpusError
 from midisc.data.lm import ModelError
-from midisc.runs import RunError
+from midisc.training.reopen import RunError
 from midisc.store import Store, StoreError, UnknownRunError
 from midisc.store.engine import driver_message, resolve_db_url
 
@@ -81,3 +83,52 @@ def run_tool(main: Callable[[list[str] | None], int | None], argv: list[str] | N
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+# ----- what the commands print of features and numbers ----------------------------------------
+
+
+def shown(token: str) -> str:
+    """A token as it can be printed on one line."""
+    return token.replace("\n", "⏎").replace("\r", "").replace("\t", "→")
+
+
+def preview(example: dict, console: Console, width: int = 70) -> Text:
+    """One line around the example's max token, the token highlighted ([[like this]] when piped)."""
+    tokens, peak = [shown(t) for t in example["tokens"]], example["max_token_index"]
+    left = "".join(tokens[:peak])[-(width - 20):]
+    right = "".join(tokens[peak + 1:])[:15]
+    line = Text(left)
+    if console.is_terminal:
+        line.append(tokens[peak], style="bold black on yellow")
+    else:
+        line.append(f"[[{tokens[peak]}]]")
+    return line.append(right)
+
+
+def heat(example: dict, console: Console) -> Text:
+    """The window with each token's activation as colour intensity (value in brackets when piped)."""
+    top = max(example["values"]) or 1.0
+    line = Text()
+    for i, (token, value) in enumerate(zip(example["tokens"], example["values"])):
+        token = shown(token)
+        if console.is_terminal:
+            level = max(0.0, value) / top
+            shade = int(255 - 200 * level)
+            style = f"black on rgb(255,{shade},{shade})" if value > 0 else ""
+            line.append(token, style=style + (" bold underline" if i == example["max_token_index"] else ""))
+        else:
+            line.append(f"{token}({value:.2f})" if value > 0 else token)
+    return line
+
+
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.3g}%"
+
+
+def number(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.{digits}g}"

@@ -15,11 +15,11 @@ import argparse
 import json
 from pathlib import Path
 
-from midisc.callbacks import EVALUATION_FILENAME as REPORT_FILENAME
+from midisc.training.callbacks import EVALUATION_FILENAME as REPORT_FILENAME
 from midisc.cli import UsageError, add_db_argument, make_console, make_table, open_store, print_json, run_tool
-from midisc.evaluation import EVAL_TYPE, core_report, reconstruction
-from midisc.runs import contexts, harvest_run, open_model, open_run, run_texts
-from midisc.splice import splice_totals
+from midisc.analysis.saebench import EVAL_TYPE, core_report, reconstruction
+from midisc.training.reopen import contexts, harvest_run, open_model, open_run, run_texts
+from midisc.analysis.splice import splice_totals
 
 SPLICE_BATCH = 8  # contexts per forward: three vocab-wide logit tensors of this many contexts are held at once
 

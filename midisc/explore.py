@@ -15,64 +15,18 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 from rich.text import Text
 
-from midisc import plots, sweeps
-from midisc.cli import UsageError, add_db_argument, make_console, make_table, open_store, print_json, run_tool
-from midisc.features import frequency_bins, log_density_histogram
-from midisc.report import quality_notes, run_overview
-from midisc.runs import logit_effects
+from midisc.analysis import plots, sweeps
+from midisc.cli import (UsageError, add_db_argument, heat, make_console, make_table, number, open_store, percent, preview,
+                        print_json, run_tool)
+from midisc.analysis.features import frequency_bins, log_density_histogram
+from midisc.analysis.report import quality_notes, run_overview
+from midisc.training.reopen import logit_effects
 
 SORT_KEYS = {"frequency": "frequency", "max": "max_activation", "mean": "mean_activation"}
-
-
-def shown(token: str) -> str:
-    """A token as it can be printed on one line."""
-    return token.replace("\n", "⏎").replace("\r", "").replace("\t", "→")
-
-
-def preview(example: dict, console: Console, width: int = 70) -> Text:
-    """One line around the example's max token, the token highlighted ([[like this]] when piped)."""
-    tokens, peak = [shown(t) for t in example["tokens"]], example["max_token_index"]
-    left = "".join(tokens[:peak])[-(width - 20):]
-    right = "".join(tokens[peak + 1:])[:15]
-    line = Text(left)
-    if console.is_terminal:
-        line.append(tokens[peak], style="bold black on yellow")
-    else:
-        line.append(f"[[{tokens[peak]}]]")
-    return line.append(right)
-
-
-def heat(example: dict, console: Console) -> Text:
-    """The window with each token's activation as colour intensity (value in brackets when piped)."""
-    top = max(example["values"]) or 1.0
-    line = Text()
-    for i, (token, value) in enumerate(zip(example["tokens"], example["values"])):
-        token = shown(token)
-        if console.is_terminal:
-            level = max(0.0, value) / top
-            shade = int(255 - 200 * level)
-            style = f"black on rgb(255,{shade},{shade})" if value > 0 else ""
-            line.append(token, style=style + (" bold underline" if i == example["max_token_index"] else ""))
-        else:
-            line.append(f"{token}({value:.2f})" if value > 0 else token)
-    return line
-
-
-def percent(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.3g}%"
-
-
-def number(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return f"{value:.{digits}g}"
 
 
 # ----- commands --------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from midisc.data import lm
 from midisc.cli import UsageError, add_db_argument, make_console, open_store, run_tool
 from midisc.publish.publication import FeatureTable, Publication, add_profiles, run_info
 from midisc.publish.write import write_all
-from midisc.runs import OpenedRun, contexts, harvest_run, open_model, open_run, run_texts
+from midisc.training.reopen import OpenedRun, contexts, harvest_run, open_model, open_run, run_texts
 from midisc.store import Store
 
 

@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from midisc.cli import UsageError, add_db_argument, make_console, make_table, open_store, print_json, run_tool
-from midisc.concepts import (concept_dir, corpus_sample, load_modules, ranked, read_texts,
+from midisc.cli import (UsageError, add_db_argument, make_console, make_table, number, open_store, percent, preview,
+                        print_json, run_tool)
+from midisc.analysis.concepts import (concept_dir, corpus_sample, load_modules, ranked, read_texts,
                              selectivity, text_maxima)
-from midisc.explore import number, percent, preview
-from midisc.runs import open_model, open_run, run_texts
+from midisc.training.reopen import open_model, open_run, run_texts
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

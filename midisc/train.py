@@ -12,7 +12,6 @@ failed (Ctrl-C: interrupted) with the error text.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -36,39 +35,26 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from midisc.analysis.features import frequency_bins
+from midisc.config import ConfigError, check_config
 from midisc.data import corpus, lm
+from midisc.data.activations import (ActivationStream, ContextChunk, MemoryCache, harvest, harvest_contexts,
+                                     keep_mask, take_rows)
 from midisc.data.cache import CacheError, SharedCache, cache_bytes
-from midisc.data.activations import (ActivationStream, ContextChunk, MemoryCache, harvest, harvest_contexts, keep_mask,
-                                take_rows)
-from midisc.callbacks import CURVES_FILENAME, Evaluator, ProgressBar, Publisher, RunRecorder
-from midisc.checkpoints import (CHECKPOINT_DIR, CheckpointError, Checkpointer, RunLock, checkpoint_step,
-                                last_checkpoint, resume_checkpoint, trainer_position, trim_curves)
 from midisc.data.corpus import CorpusError
-from midisc.publish.publication import run_info
-from midisc.features import frequency_bins
 from midisc.data.lm import ModelError
-from midisc.module import FoldInputScale, NonFiniteLossError, SAEModule, StopOnNonFiniteLoss
-from midisc.redaction import redact_console, redact_log_records, redact_text, scrub_hydra_files
+from midisc.publish.publication import run_info
 from midisc.store import Store, StoreError, UnknownRunError, redact_url
-from midisc.store.engine import postgres_url_from_env
 from midisc.store.journal import PENDING_FILENAME, Journal
-from midisc.validate import ConfigError, check_config
+from midisc.store.redaction import redact_console, redact_log_records, redact_text, scrub_hydra_files
+from midisc.training.callbacks import CURVES_FILENAME, Evaluator, ProgressBar, Publisher, RunRecorder
+from midisc.training.checkpoints import (CHECKPOINT_DIR, CheckpointError, Checkpointer, RunLock, checkpoint_step,
+                                        last_checkpoint, resume_checkpoint, trainer_position, trim_curves)
+from midisc.training.module import FoldInputScale, NonFiniteLossError, SAEModule, StopOnNonFiniteLoss
 
 USER_ERRORS = (ConfigError, ModelError, CorpusError, StoreError, UnknownRunError, NonFiniteLossError,
                CacheError, CheckpointError)
 log = logging.getLogger(__name__)
-
-
-def short_dirname(name: str, limit: int = 120) -> str:
-    """A sweep job's folder name: the overrides, or a readable prefix plus a hash when too long for a file name."""
-    if len(name) <= limit:
-        return name
-    return f"{name[: limit - 17]}-{hashlib.sha1(name.encode()).hexdigest()[:16]}"
-
-
-OmegaConf.register_new_resolver("midisc.dirname", short_dirname, replace=True)
-# conf/storage/postgres.yaml: one builder of the URL (escaping the password) for training and the tools.
-OmegaConf.register_new_resolver("midisc.postgres_url", postgres_url_from_env, replace=True)
 
 
 @dataclass

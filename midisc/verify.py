@@ -21,15 +21,15 @@ from dataclasses import asdict
 from pathlib import Path
 
 
-from midisc import plots
+from midisc.analysis import plots
 from midisc.data import lm
-from midisc.callbacks import CURVES_FILENAME
-from midisc.checks import FAIL, PASS, SKIP, Skipped, Target, run_checks
+from midisc.training.callbacks import CURVES_FILENAME
+from midisc.publish.checks import FAIL, PASS, SKIP, Skipped, Target, run_checks
 from midisc.cli import UsageError, add_db_argument, make_console, make_table, open_store, print_json, run_tool
 from midisc.publish.publication import EXPORTS_FOLDER, PROBE_FILENAME, SAE_FOLDER
 from midisc.publish.neuronpedia import ANALYSIS_FILENAME
-from midisc.metrics import evaluate
-from midisc.runs import RunError, contexts, harvest_run, open_model, open_run, run_texts
+from midisc.analysis.metrics import evaluate
+from midisc.training.reopen import RunError, contexts, harvest_run, open_model, open_run, run_texts
 from midisc.sae.io import CFG_FILENAME
 from midisc.store import Store, StoreError
 

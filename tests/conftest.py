@@ -20,7 +20,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from sqlalchemy import create_engine, text
 
-import midisc.train  # noqa: F401  registers the resolvers conf/ uses (midisc.dirname, midisc.postgres_url)
+import midisc.config  # noqa: F401  registers the resolvers conf/ uses (midisc.dirname, midisc.postgres_url)
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import compose_config, tiny_overrides
-from midisc.callbacks import sha256
-from midisc.runs import contexts, harvest_run, open_model, open_run, run_texts
+from midisc.publish.write import sha256
+from midisc.training.reopen import contexts, harvest_run, open_model, open_run, run_texts
 from midisc.sae.io import WEIGHTS_FILENAME
 from midisc.store import Store
 from midisc.train import train

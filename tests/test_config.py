@@ -4,7 +4,7 @@ import pytest
 from hydra.utils import instantiate
 
 from conftest import CONF, compose_config, run_cli
-from midisc.validate import ConfigError, check_config
+from midisc.config import ConfigError, check_config
 
 
 def options(group: str) -> list[str]:

@@ -10,8 +10,8 @@ from torch import nn
 
 from midisc.data import lm
 from midisc.evaluate import REPORT_FILENAME, main
-from midisc.evaluation import core_report, reconstruction
-from midisc.splice import splice_totals
+from midisc.analysis.saebench import core_report, reconstruction
+from midisc.analysis.splice import splice_totals
 from midisc.store import Store
 
 SAEBENCH_GROUPS = {"model_behavior_preservation", "model_performance_preservation", "reconstruction_quality",

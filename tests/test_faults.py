@@ -18,9 +18,9 @@ from sqlalchemy.engine import make_url
 
 from conftest import REPO, compose_config, run_cli, tiny_overrides
 from midisc import train as train_mod
-from midisc.checkpoints import CHECKPOINT_DIR, LAST, PREVIOUS, CheckpointError
+from midisc.training.checkpoints import CHECKPOINT_DIR, LAST, PREVIOUS, CheckpointError
 from midisc.db import main as db_main
-from midisc.module import NonFiniteLossError
+from midisc.training.module import NonFiniteLossError
 from midisc.store import Store
 from midisc.store.journal import PENDING_FILENAME
 from midisc.train import train

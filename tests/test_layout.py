@@ -60,3 +60,28 @@ def test_the_data_package_imports_nothing_else_of_midisc():
     outside = {name: sorted(d for d in deps if not d.startswith("midisc.data"))
                for name, deps in imports().items() if name.startswith("midisc.data")}
     assert {name: deps for name, deps in outside.items() if deps} == {}
+
+
+# Top-level modules that are not commands: what the commands share, the config checks, the run folder's names.
+NOT_COMMANDS = {"midisc", "midisc.cli", "midisc.config", "midisc.run_folder"}
+
+
+def test_nothing_imports_a_command():
+    graph = imports()
+    packages = {name.rsplit(".", 1)[0] for name in graph}
+    commands = {name for name in graph if name.count(".") == 1 and name not in NOT_COMMANDS | packages}
+    assert {"midisc.train", "midisc.db", "midisc.export", "midisc.verify"} <= commands
+    assert {name: sorted(deps & commands) for name, deps in graph.items() if deps & commands} == {}
+
+
+def test_the_lower_packages_import_only_what_their_docstrings_allow():
+    allowed = {"analysis": {"analysis", "sae", "data"}, "publish": {"publish", "sae", "analysis"},
+               "store": {"store"}, "training": {"training", "sae", "data", "analysis", "store", "publish"}}
+    wrong = {}
+    for name, deps in imports().items():
+        package = name.split(".")[1] if name.count(".") >= 1 else None
+        if package in allowed:
+            outside = sorted(d for d in deps if d.split(".")[1] not in allowed[package])
+            if outside:
+                wrong[name] = outside
+    assert wrong == {}

@@ -12,12 +12,12 @@ from omegaconf import open_dict
 
 from conftest import compose_config, run_cli, tiny_overrides
 from midisc import train as train_mod
-from midisc.callbacks import sha256
+from midisc.publish.write import sha256
 from midisc.data.lm import ModelError
 from midisc.sae.io import WEIGHTS_FILENAME, load_sae
 from midisc.store import Store, StoreError
 from midisc.train import train
-from midisc.validate import ConfigError
+from midisc.config import ConfigError
 
 
 def run_tiny(tmp_path, model_dir, texts, *extra, model="tiny_llama", sae=("sae.k=8",), db_url=None):

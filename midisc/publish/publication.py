@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from midisc import profiles
-from midisc.profiles import Histograms, OutputEffects
+from midisc.analysis import profiles
+from midisc.analysis.profiles import Histograms, OutputEffects
 from midisc.sae import SparseAutoencoder
 
 SAE_FOLDER = "sae"

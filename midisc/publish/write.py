@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,3 +28,12 @@ def write_all(pub: Publication, output_dir: Path, *, neuronpedia: bool = True, w
         if pub.activation_histograms is not None:
             written.dashboard = dashboard.write(pub, dashboard_dir(output_dir, pub), features_per_batch=features_per_batch)
     return written
+
+
+def sha256(path: Path) -> str:
+    """The hex SHA-256 of a file, read in 1 MiB blocks: what sae_models.checksum records of the weights."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import compose_config, tiny_overrides
-from midisc.module import SAEModule
+from midisc.training.module import SAEModule
 from midisc.sae import load_sae
 from midisc.sae.jumprelu import BatchTopKSAE, JumpReLUSAE
-from test_module import fit, sparse_data
+from fitting import fit, sparse_data
 
 D_IN, EXPANSION = 6, 4
 D_SAE = D_IN * EXPANSION

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -15,13 +14,13 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from tqdm.auto import tqdm
 
 from midisc.data.activations import ContextChunk
-from midisc.evaluation import EVAL_TYPE, core_report, headline, reconstruction
+from midisc.analysis.saebench import EVAL_TYPE, core_report, headline, reconstruction
 from midisc.publish.publication import PROBE_FILENAME, FeatureTable, Publication, add_profiles, write_probe
-from midisc.publish.write import Written, write_all
-from midisc.features import FeatureAnalysis, analyze, example_rows
-from midisc.metrics import evaluate
+from midisc.publish.write import Written, sha256, write_all
+from midisc.analysis.features import FeatureAnalysis, analyze, example_rows
+from midisc.analysis.metrics import evaluate
 from midisc.sae.io import WEIGHTS_FILENAME
-from midisc.splice import splice_totals
+from midisc.analysis.splice import splice_totals
 from midisc.store import Store
 
 
@@ -29,14 +28,6 @@ from midisc.store import Store
 CURVES_FILENAME = "curves.csv"
 EVALUATION_FILENAME = "evaluation_core.json"  # the same file `python -m midisc.evaluate` writes
 CURVE_METRICS = ("train/loss", "train/mse", "train/fvu", "train/l0", "train/l1", "sparsity/dead_frac", "train/lr")
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def record_analysis(store: Store | None, run_id: int | None, analysis: FeatureAnalysis, examples: list[dict],

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from midisc.concepts import (CONCEPT_DIR, ConceptError, available, corpus_sample, load_modules, ranked, read_texts,
+from midisc.analysis.concepts import (CONCEPT_DIR, ConceptError, available, corpus_sample, load_modules, ranked, read_texts,
                              selectivity)
 
 SHIPPED = ["commands", "conversational", "emotions", "formal", "numbers", "punctuation", "questions", "statements",
@@ -48,7 +48,7 @@ def test_auroc_matches_the_pairwise_definition_with_ties(monkeypatch):
     torch.manual_seed(0)
     concept = torch.relu(torch.randn(13, 9)).round(decimals=1)  # many exact ties, zeros included
     contrast = torch.relu(torch.randn(21, 9) - 0.3).round(decimals=1)
-    monkeypatch.setattr("midisc.concepts._AUROC_ELEMENTS", 13 * 21 * 2)  # several feature chunks
+    monkeypatch.setattr("midisc.analysis.concepts._AUROC_ELEMENTS", 13 * 21 * 2)  # several feature chunks
     scores = selectivity(concept, contrast)
     for f in range(9):
         assert scores.auroc[f].item() == pytest.approx(naive_auroc(concept[:, f].tolist(), contrast[:, f].tolist()))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from midisc import profiles
+from midisc.analysis import profiles
 from midisc.data import lm
 from midisc.sae import ReluSAE
 

@@ -252,7 +252,7 @@ def matches_record(t: Target) -> str:
 
 def checksum(t: Target) -> str:
     _need_record(t)
-    from midisc.callbacks import sha256
+    from midisc.publish.write import sha256
 
     digest = sha256(t.sae_dir / WEIGHTS_FILENAME)
     if digest != t.saved["checksum"]:

@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from midisc.redaction import RedactedStream, redact_log_records, redact_text, scrub_hydra_files
+from midisc.store.redaction import RedactedStream, redact_log_records, redact_text, scrub_hydra_files
 
 SECRET = "S3cr-t"
 

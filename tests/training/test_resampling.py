@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from midisc.resampling import resample_dead
+from midisc.training.resampling import resample_dead
 from midisc.sae import ReluSAE
 
 D_IN, EXPANSION = 8, 4

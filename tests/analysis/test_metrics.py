@@ -1,6 +1,6 @@
 import torch
 
-from midisc import metrics
+from midisc.analysis import metrics
 from midisc.sae import TopKSAE
 
 

@@ -26,7 +26,7 @@ from midisc.data.activations import drop_outliers, keep_mask
 from midisc.data.lm import capture
 from midisc.sae import SparseAutoencoder
 
-CONCEPT_DIR = Path(__file__).resolve().parent.parent / "concept_modules"
+CONCEPT_DIR = Path(__file__).resolve().parents[2] / "concept_modules"
 # Pairwise comparisons held at once by the AUROC: n_concept × n_contrast × this many features.
 _AUROC_ELEMENTS = 1 << 24
 

@@ -16,7 +16,7 @@ import torch
 
 from midisc.data import corpus, lm
 from midisc.data.activations import ContextChunk, harvest_contexts
-from midisc.profiles import output_effects, token_lists
+from midisc.analysis.profiles import output_effects, token_lists
 from midisc.sae import SparseAutoencoder, load_sae
 from midisc.store import Store
 

@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterable
 import lightning as L
 import torch
 
-from midisc import metrics
-from midisc.resampling import resample_dead
+from midisc.analysis import metrics
+from midisc.training.resampling import resample_dead
 from midisc.sae import SparseAutoencoder
 from midisc.sae.sparse_ops import DeadFeatures
 

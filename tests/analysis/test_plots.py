@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from midisc import plots
+from midisc.analysis import plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -24,7 +24,7 @@ def assert_real_png(path: Path) -> None:
 
 
 def test_importing_plots_does_not_import_pyplot():
-    code = "import sys, midisc.plots; assert 'matplotlib.pyplot' not in sys.modules"
+    code = "import sys, midisc.analysis.plots; assert 'matplotlib.pyplot' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -3,30 +3,14 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from midisc.module import SAEModule
+from fitting import fit, sparse_data
+from midisc.training.module import SAEModule
 from midisc.sae import TopKSAE
 
 
 def make_module(d=16, window=10_000, lr=1e-2):
     sae = TopKSAE(d, expansion=4, k=4, seed=0)
     return SAEModule(sae, lambda params: torch.optim.Adam(params, lr=lr), b_dec_init="mean", dead_window=window)
-
-
-def fit(module, batches, epochs=1):
-    trainer = L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, accelerator="cpu")
-    trainer.fit(module, DataLoader(batches, batch_size=None))
-    return trainer
-
-
-def sparse_data(n=40, batch=128, d=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    atoms = torch.randn(32, d, generator=g)
-    out = []
-    for _ in range(n):
-        idx = torch.randint(0, 32, (batch, 3), generator=g)
-        out.append(atoms[idx].sum(1) + 10)  # an offset the decoder bias must learn
-    return out
 
 
 def test_decoder_bias_starts_at_the_first_batch_and_training_lowers_fvu():
@@ -66,7 +50,7 @@ def test_dead_counter_marks_features_that_never_fire():
 
 
 # --- what changes over a run: learning rate, sparsity warm-up, input scale ----------------------
-from midisc.module import FoldInputScale, lr_factor  # noqa: E402
+from midisc.training.module import FoldInputScale, lr_factor  # noqa: E402
 from midisc.sae import ReluSAE  # noqa: E402
 
 
@@ -166,8 +150,8 @@ def test_resample_every_revives_dead_relu_features():
 
 
 # --- no host syncs in the hot loop ---------------------------------------------------------------
-from midisc.callbacks import ProgressBar  # noqa: E402
-from midisc.module import NonFiniteLossError, StopOnNonFiniteLoss, dead_bound  # noqa: E402
+from midisc.training.callbacks import ProgressBar  # noqa: E402
+from midisc.training.module import NonFiniteLossError, StopOnNonFiniteLoss, dead_bound  # noqa: E402
 from midisc.sae.gated import GatedSAE  # noqa: E402
 from midisc.sae.jumprelu import BatchTopKSAE, JumpReLUSAE  # noqa: E402
 

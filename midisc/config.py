@@ -1,4 +1,5 @@
-"""Refuse an impossible config before anything slow happens, with one line naming the value and the valid range.
+"""The config's own rules: its resolvers, and the checks that refuse an impossible value before anything slow
+happens, with one line naming the value and the valid range.
 
 Checks here need only the config itself; checks that need the model's shape (layer past the last block,
 k wider than the SAE, an unknown module path) run in `midisc.data.lm.resolve_hook` and the SAE constructors,
@@ -8,6 +9,7 @@ still before any weights load.
 from __future__ import annotations
 
 import codecs
+import hashlib
 import importlib
 import math
 from typing import get_args
@@ -20,6 +22,19 @@ from midisc.data.activations import STORE_DTYPES
 from midisc.data.corpus import SOURCES
 from midisc.data.lm import DTYPES
 from midisc.sae.base import B_DEC_METHODS
+from midisc.store.engine import postgres_url_from_env
+
+
+def short_dirname(name: str, limit: int = 120) -> str:
+    """A sweep job's folder name: the overrides, or a readable prefix plus a hash when too long for a file name."""
+    if len(name) <= limit:
+        return name
+    return f"{name[: limit - 17]}-{hashlib.sha1(name.encode()).hexdigest()[:16]}"
+
+
+OmegaConf.register_new_resolver("midisc.dirname", short_dirname, replace=True)
+# conf/storage/postgres.yaml: one builder of the URL (escaping the password) for training and the tools.
+OmegaConf.register_new_resolver("midisc.postgres_url", postgres_url_from_env, replace=True)
 
 
 def _precisions() -> tuple:

@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from midisc import features
+from midisc.analysis import features
 from midisc.data.activations import ContextChunk
-from midisc.features import (FeatureAnalyzer, analyze, example_rows, feature_stats, frequency_bins,
+from midisc.analysis.features import (FeatureAnalyzer, analyze, example_rows, feature_stats, frequency_bins,
                              log_density_histogram)
 from midisc.sae import ReluSAE
 
