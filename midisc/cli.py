@@ -20,11 +20,7 @@ from rich.table import Table
 from rich.text import Text
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from midisc.analysis.concepts import ConceptError
-from midisc.data.corpus import CorpusError
-from midisc.data.lm import ModelError
-from midisc.training.reopen import RunError
-from midisc.store import Store, StoreError, UnknownRunError
+from midisc.store import Store
 from midisc.store.engine import driver_message, resolve_db_url
 
 
@@ -33,7 +29,19 @@ class UsageError(ValueError):
     """A bad argument (unknown feature, concept, file…); the message says what would be valid."""
 
 
-USER_ERRORS = (UnknownRunError, RunError, StoreError, ModelError, CorpusError, ConceptError, UsageError)
+# Every error whose message is meant for a person (one line, the bad value, what would be valid): a command
+# prints it and exits 2, training records it without a traceback. Named, not imported: an error of a module
+# the command never loaded cannot have been raised, and `python -m midisc.db` need not import torch.
+USER_ERRORS = (("midisc.cli", "UsageError"), ("midisc.config", "ConfigError"), ("midisc.data.lm", "ModelError"),
+               ("midisc.data.corpus", "CorpusError"), ("midisc.data.cache", "CacheError"),
+               ("midisc.analysis.concepts", "ConceptError"), ("midisc.store.engine", "StoreError"),
+               ("midisc.store.records", "UnknownRunError"), ("midisc.training.reopen", "RunError"),
+               ("midisc.training.module", "NonFiniteLossError"), ("midisc.training.checkpoints", "CheckpointError"))
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The USER_ERRORS of the modules loaded so far, as classes for `except` and `isinstance`."""
+    return tuple(getattr(sys.modules[module], name) for module, name in USER_ERRORS if module in sys.modules)
 
 
 def add_db_argument(parser: argparse.ArgumentParser) -> None:
@@ -71,7 +79,7 @@ def run_tool(main: Callable[[list[str] | None], int | None], argv: list[str] | N
     load_dotenv(Path.cwd() / ".env")  # MIDISC_DB_URL and POSTGRES_* may live in a .env file
     try:
         code = main(argv)
-    except USER_ERRORS as err:
+    except user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except (OperationalError, InterfaceError) as err:  # the database went away under the command

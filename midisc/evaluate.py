@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from midisc.training.callbacks import EVALUATION_FILENAME as REPORT_FILENAME
+from midisc.run_folder import EVALUATION_FILENAME
 from midisc.cli import UsageError, add_db_argument, make_console, make_table, open_store, print_json, run_tool
 from midisc.analysis.saebench import EVAL_TYPE, core_report, reconstruction
 from midisc.training.reopen import contexts, harvest_run, open_model, open_run, run_texts
@@ -43,7 +43,7 @@ def evaluate_run(store, run_id: int, n_contexts: int = 64, progress: bool = True
     store.add_evaluation(run_id, EVAL_TYPE, totals.tokens, report)
     folder = Path(run.row["output_dir"])
     if folder.is_dir():
-        (folder / REPORT_FILENAME).write_text(json.dumps(report, indent=2, allow_nan=False))
+        (folder / EVALUATION_FILENAME).write_text(json.dumps(report, indent=2, allow_nan=False))
     return report
 
 

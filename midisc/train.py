@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import sys
 import time
 import traceback
@@ -36,24 +35,22 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from midisc.analysis.features import frequency_bins
+from midisc.cli import user_errors
 from midisc.config import ConfigError, check_config
 from midisc.data import corpus, lm
 from midisc.data.activations import (ActivationStream, ContextChunk, MemoryCache, harvest, harvest_contexts,
                                      keep_mask, take_rows)
-from midisc.data.cache import CacheError, SharedCache, cache_bytes
-from midisc.data.corpus import CorpusError
-from midisc.data.lm import ModelError
+from midisc.data.cache import SharedCache, cache_bytes
 from midisc.publish.publication import run_info
-from midisc.store import Store, StoreError, UnknownRunError, redact_url
-from midisc.store.journal import PENDING_FILENAME, Journal
+from midisc.run_folder import CHECKPOINT_DIR, CURVES_FILENAME, PENDING_FILENAME
+from midisc.store import Store, redact_url
+from midisc.store.journal import Journal
 from midisc.store.redaction import redact_console, redact_log_records, redact_text, scrub_hydra_files
-from midisc.training.callbacks import CURVES_FILENAME, Evaluator, ProgressBar, Publisher, RunRecorder
-from midisc.training.checkpoints import (CHECKPOINT_DIR, CheckpointError, Checkpointer, RunLock, checkpoint_step,
-                                        last_checkpoint, resume_checkpoint, trainer_position, trim_curves)
-from midisc.training.module import FoldInputScale, NonFiniteLossError, SAEModule, StopOnNonFiniteLoss
+from midisc.training.callbacks import Evaluator, ProgressBar, Publisher, RunRecorder
+from midisc.training.checkpoints import (CheckpointError, Checkpointer, RunLock, checkpoint_step, last_checkpoint,
+                                        log_into_run_folder, resume_checkpoint, trainer_position, trim_curves)
+from midisc.training.module import FoldInputScale, SAEModule, StopOnNonFiniteLoss
 
-USER_ERRORS = (ConfigError, ModelError, CorpusError, StoreError, UnknownRunError, NonFiniteLossError,
-               CacheError, CheckpointError)
 log = logging.getLogger(__name__)
 
 
@@ -195,7 +192,7 @@ def train(cfg: DictConfig, output_dir: Path) -> Result:
         raise KeyboardInterrupt from None
     except BaseException as err:
         if store:
-            error = str(err) if isinstance(err, USER_ERRORS) else "".join(traceback.format_exception(err))
+            error = str(err) if isinstance(err, user_errors()) else "".join(traceback.format_exception(err))
             store.finish_run(run_id, "failed", error=redact_text(error)[-8000:])
         raise
     else:
@@ -354,31 +351,6 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
 
 
-def log_into_run_folder(fresh: Path, run_folder: Path) -> None:
-    """Send a resume's log to the resumed run's train.log and remove the folder Hydra made for the resume.
-
-    Hydra gives every invocation a new outputs/<date>/<time>/ folder; a resume trains in the run's own
-    folder, so the new one would hold nothing but its log and .hydra/ (the resume's two overrides).
-    """
-    for handler in logging.getLogger().handlers:
-        if not isinstance(handler, logging.FileHandler) or Path(handler.baseFilename).parent != fresh:
-            continue
-        old = Path(handler.baseFilename)
-        handler.close()
-        target = run_folder / old.name
-        if old.is_file():  # what was logged before the resume knew its run
-            with open(target, "a") as log_file:
-                log_file.write(old.read_text())
-            old.unlink()
-        handler.baseFilename, handler.mode = str(target), "a"  # reopened there at the next record
-    shutil.rmtree(fresh / ".hydra", ignore_errors=True)
-    for folder in (fresh, fresh.parent):  # the time folder, then the date folder when nothing else is in it
-        try:
-            folder.rmdir()
-        except OSError:
-            break
-
-
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     redact_log_records()  # again here: a joblib sweep runs this in worker processes that never ran __main__
@@ -393,7 +365,7 @@ def main(cfg: DictConfig) -> None:
             if sweep_dir is None:
                 log_into_run_folder(fresh, output_dir)
         result = train(cfg, output_dir)
-    except USER_ERRORS as err:
+    except user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

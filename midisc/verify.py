@@ -23,17 +23,15 @@ from pathlib import Path
 
 from midisc.analysis import plots
 from midisc.data import lm
-from midisc.training.callbacks import CURVES_FILENAME
-from midisc.publish.checks import FAIL, PASS, SKIP, Skipped, Target, run_checks
+from midisc.publish.check_target import FAIL, PASS, SKIP, Skipped, Target
+from midisc.publish.checks import run_checks
 from midisc.cli import UsageError, add_db_argument, make_console, make_table, open_store, print_json, run_tool
-from midisc.publish.publication import EXPORTS_FOLDER, PROBE_FILENAME, SAE_FOLDER
-from midisc.publish.neuronpedia import ANALYSIS_FILENAME
 from midisc.analysis.metrics import evaluate
 from midisc.training.reopen import RunError, contexts, harvest_run, open_model, open_run, run_texts
-from midisc.sae.io import CFG_FILENAME
 from midisc.store import Store, StoreError
+from midisc.run_folder import (ANALYSIS_FILENAME, CFG_FILENAME, CURVES_FILENAME, EXPORTS_FOLDER, PROBE_FILENAME,
+                               REPORT_FILENAME, SAE_FOLDER)
 
-REPORT_FILENAME = "verification.json"
 PLOTS_FOLDER = "plots"
 
 

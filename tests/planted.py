@@ -17,9 +17,9 @@ from safetensors.torch import save_file
 from conftest import compose_config, tiny_overrides
 from midisc.publish.write import sha256
 from midisc.training.reopen import contexts, harvest_run, open_model, open_run, run_texts
-from midisc.sae.io import WEIGHTS_FILENAME
 from midisc.store import Store
 from midisc.train import train
+from midisc.run_folder import WEIGHTS_FILENAME
 
 
 @dataclass

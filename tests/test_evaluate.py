@@ -9,10 +9,11 @@ import torch
 from torch import nn
 
 from midisc.data import lm
-from midisc.evaluate import REPORT_FILENAME, main
+from midisc.evaluate import main
 from midisc.analysis.saebench import core_report, reconstruction
 from midisc.analysis.splice import splice_totals
 from midisc.store import Store
+from midisc.run_folder import EVALUATION_FILENAME
 
 SAEBENCH_GROUPS = {"model_behavior_preservation", "model_performance_preservation", "reconstruction_quality",
                    "shrinkage", "sparsity", "token_stats"}
@@ -89,7 +90,7 @@ def test_cli_evaluates_a_run_stores_and_writes_the_result(planted_run, capsys):
         (row,) = store.evaluations(planted_run.run_id)
         folder = Path(store.get_run(planted_run.run_id)["output_dir"])
     assert row["eval_type"] == "core" and row["result"]["eval_result_metrics"] == metrics
-    assert json.loads((folder / REPORT_FILENAME).read_text())["eval_result_metrics"] == metrics
+    assert json.loads((folder / EVALUATION_FILENAME).read_text())["eval_result_metrics"] == metrics
     assert main([str(planted_run.run_id), "--db", planted_run.url, "--contexts", "4"]) == 0  # again: replaced
     assert "ce_loss_score" in capsys.readouterr().out
     with Store(planted_run.url) as store:

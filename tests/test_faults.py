@@ -18,13 +18,13 @@ from sqlalchemy.engine import make_url
 
 from conftest import REPO, compose_config, run_cli, tiny_overrides
 from midisc import train as train_mod
-from midisc.training.checkpoints import CHECKPOINT_DIR, LAST, PREVIOUS, CheckpointError
+from midisc.training.checkpoints import CheckpointError
 from midisc.db import main as db_main
 from midisc.training.module import NonFiniteLossError
-from midisc.store import Store
-from midisc.store.journal import PENDING_FILENAME
+from midisc.store import Store, UnknownRunError
 from midisc.train import train
 from proxy import Proxy
+from midisc.run_folder import CHECKPOINT_DIR, LAST, PENDING_FILENAME, PREVIOUS
 
 SECRET = "S3cr-t-pa55"  # trust auth ignores it, so it can travel in the URL without breaking the login
 
@@ -252,7 +252,7 @@ def test_resume_refuses_a_completed_run_and_one_still_training(tmp_path, tiny_ll
         train_mod.resumed_config(cfg)
     with open_dict(cfg):
         cfg.resume = 99
-    with pytest.raises(train_mod.UnknownRunError, match="no run with id 99"):
+    with pytest.raises(UnknownRunError, match="no run with id 99"):
         train_mod.resumed_config(cfg)
 
     with open_dict(cfg):

@@ -1,6 +1,8 @@
 """The package's layout holds: no import cycle, and the subpackages import only what their docstrings allow."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "midisc"
@@ -75,8 +77,9 @@ def test_nothing_imports_a_command():
 
 
 def test_the_lower_packages_import_only_what_their_docstrings_allow():
-    allowed = {"analysis": {"analysis", "sae", "data"}, "publish": {"publish", "sae", "analysis"},
-               "store": {"store"}, "training": {"training", "sae", "data", "analysis", "store", "publish"}}
+    allowed = {"analysis": {"analysis", "sae", "data"}, "publish": {"publish", "sae", "analysis", "run_folder"},
+               "store": {"store"},
+               "training": {"training", "sae", "data", "analysis", "store", "publish", "run_folder"}}
     wrong = {}
     for name, deps in imports().items():
         package = name.split(".")[1] if name.count(".") >= 1 else None
@@ -85,3 +88,19 @@ def test_the_lower_packages_import_only_what_their_docstrings_allow():
             if outside:
                 wrong[name] = outside
     assert wrong == {}
+
+
+def test_the_database_command_does_not_load_torch():
+    # cli.py names the user errors instead of importing them, so `python -m midisc.db` starts in a blink.
+    probe = "import sys, midisc.db; print(sorted(m for m in ('torch', 'transformers', 'lightning') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=PACKAGE.parent, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr[-2000:]
+
+
+def test_every_user_error_named_in_cli_exists():
+    import importlib
+
+    from midisc.cli import USER_ERRORS
+
+    for module, name in USER_ERRORS:
+        assert issubclass(getattr(importlib.import_module(module), name), Exception), (module, name)

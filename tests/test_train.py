@@ -14,10 +14,11 @@ from conftest import compose_config, run_cli, tiny_overrides
 from midisc import train as train_mod
 from midisc.publish.write import sha256
 from midisc.data.lm import ModelError
-from midisc.sae.io import WEIGHTS_FILENAME, load_sae
+from midisc.sae.io import load_sae
 from midisc.store import Store, StoreError
 from midisc.train import train
 from midisc.config import ConfigError
+from midisc.run_folder import WEIGHTS_FILENAME
 
 
 def run_tiny(tmp_path, model_dir, texts, *extra, model="tiny_llama", sae=("sae.k=8",), db_url=None):
@@ -158,6 +159,7 @@ def test_cli_single_run_prints_where_everything_is(tmp_path, tiny_llama, text_fo
     assert (sae_dir / "cfg.json").is_file() and sae_dir.is_relative_to(tmp_path / "outputs")
 
 
+@pytest.mark.slow
 def test_cli_multirun_sweep_records_each_job(tmp_path, tiny_llama, text_folder):
     db = tmp_path / "runs.db"
     base = cli_args(tiny_llama, text_folder, db)

@@ -7,138 +7,25 @@ where the run is in the database, compares them with what training recorded. A c
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
-from safetensors.torch import load_file
 
-from midisc.publish.publication import PROBE_FILENAME
+from midisc.publish.check_target import (FAIL, PASS, SKIP, Check, Failure, Skipped, Target, need_record, read_json,
+                                         read_tensors)
 from midisc.publish.dashboard import ACTIVATION_FIELDS, FEATURE_FIELDS, META_FILES, check_row
-from midisc.publish.neuronpedia import (ANALYSIS_FILENAME, DECODER_FILENAME, METADATA_FILENAME, MODEL_FILENAME,
-                                       PACKAGE_FILES)
-from midisc.publish.saelens import SPARSITY_FILENAME, log10_density
-from midisc.sae.io import CFG_FILENAME, WEIGHTS_FILENAME, load_sae
+from midisc.publish.neuronpedia import PACKAGE_FILES
+from midisc.publish.saelens import log10_density
+from midisc.sae.io import load_sae
+from midisc.run_folder import (ANALYSIS_FILENAME, CFG_FILENAME, DECODER_FILENAME, METADATA_FILENAME, MODEL_FILENAME,
+                               PROBE_FILENAME, SPARSITY_FILENAME, WEIGHTS_FILENAME)
 
-PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 # A unit-norm row, up to float32 rounding of the last normalisation step.
 NORM_TOLERANCE = 1e-3
 # Reloaded outputs against those recorded at training: float32 arithmetic on the same inputs.
 RELOAD_TOLERANCE = 1e-4
-
-
-class Failure(Exception):
-    """Raised inside a check: the message is the reason it failed."""
-
-
-class Skipped(Exception):
-    """Raised inside a check that cannot run here: the message says why."""
-
-
-@dataclass
-class Check:
-    name: str
-    status: str
-    reason: str
-
-
-@dataclass
-class Target:
-    """What to verify: the run's folders and, when the run is in the database, its records."""
-
-    output_dir: Path
-    sae_dir: Path
-    package_dir: Path | None = None
-    dashboard_dir: Path | None = None
-    expect_neuronpedia: bool = True
-    run: dict[str, Any] | None = None       # training_runs row
-    saved: dict[str, Any] | None = None     # its sae_models row
-    features: list[dict[str, Any]] | None = None
-    measure_fvu: Callable[[], tuple[float, int]] | None = None  # (FVU, tokens) on fresh activations
-    fvu_tolerance: float = 0.05
-
-    # --- the files, read once ------------------------------------------------------------
-    @cached_property
-    def cfg(self) -> dict[str, Any]:
-        return _json(self.sae_dir / CFG_FILENAME)
-
-    @cached_property
-    def weights(self) -> dict[str, torch.Tensor]:
-        return _tensors(self.sae_dir / WEIGHTS_FILENAME)
-
-    @cached_property
-    def sparsity(self) -> torch.Tensor:
-        found = _tensors(self.sae_dir / SPARSITY_FILENAME)
-        if "sparsity" not in found:
-            raise Failure(f"{SPARSITY_FILENAME} has no 'sparsity' tensor (has {sorted(found)})")
-        return found["sparsity"]
-
-    def package_file(self, name: str) -> Path:
-        if self.package_dir is None:
-            raise Skipped("no Neuronpedia package folder (*_neuronpedia) next to the SAE")
-        return self.package_dir / name
-
-    @cached_property
-    def decoder_npy(self) -> torch.Tensor:
-        path = self.package_file(DECODER_FILENAME)
-        try:
-            return torch.from_numpy(np.load(path, allow_pickle=False))
-        except (OSError, ValueError) as err:
-            raise Failure(f"{path.name} does not load: {err}") from None
-
-    @cached_property
-    def model_pt(self) -> dict[str, torch.Tensor]:
-        path = self.package_file(MODEL_FILENAME)
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            return dict(saved["state_dict"])
-        except Exception as err:  # torch raises many kinds on a damaged pickle
-            raise Failure(f"{path.name} does not load: {err}") from None
-
-    def rows(self, relative: str) -> list[Any]:
-        if self.dashboard_dir is None:
-            raise Skipped("no dashboard export folder (exports/<model>/<source>/)")
-        return _jsonl(self.dashboard_dir / relative)
-
-
-def _json(path: Path) -> Any:
-    if not path.is_file():
-        raise Failure(f"{path} is missing")
-    try:
-        return json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise Failure(f"{path.name} is not valid JSON: {err}") from None
-
-
-def _tensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise Failure(f"{path} is missing")
-    try:
-        return load_file(str(path))
-    except Exception as err:  # safetensors raises its own error types on a damaged header
-        raise Failure(f"{path.name} does not load: {err}") from None
-
-
-def _jsonl(path: Path) -> list[Any]:
-    if not path.is_file():
-        raise Failure(f"{path} is missing")
-    try:
-        data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-        return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
-    except (OSError, ValueError, EOFError) as err:
-        raise Failure(f"{path.name} does not parse: {err}") from None
-
-
-def _need_record(t: Target) -> None:
-    if t.run is None or t.saved is None:
-        raise Skipped("no database record for this folder (pass the run id, or --db for its database)")
 
 
 # --- the checks --------------------------------------------------------------------------------
@@ -227,7 +114,7 @@ def copies_agree(t: Target) -> str:
 
 
 def matches_record(t: Target) -> str:
-    _need_record(t)
+    need_record(t)
     cfg, run, config = t.cfg, t.run, t.run["config"]
     meta = cfg.get("metadata") or {}
     pairs = [("architecture", cfg.get("architecture"), t.saved["architecture"]),
@@ -238,7 +125,7 @@ def matches_record(t: Target) -> str:
     if "k" in config["sae"]:
         pairs.append(("k", cfg.get("k"), config["sae"]["k"]))
     if t.package_dir is not None:
-        package = _json(t.package_file(METADATA_FILENAME))
+        package = read_json(t.package_file(METADATA_FILENAME))
         pairs += [("neuronpedia model", package.get("model"), run["model"]),
                   ("neuronpedia hook", package.get("hook"), run["hook"]),
                   ("neuronpedia layer", package.get("layer"), run["layer"]),
@@ -251,7 +138,7 @@ def matches_record(t: Target) -> str:
 
 
 def checksum(t: Target) -> str:
-    _need_record(t)
+    need_record(t)
     from midisc.publish.write import sha256
 
     digest = sha256(t.sae_dir / WEIGHTS_FILENAME)
@@ -264,7 +151,7 @@ def reload_outputs(t: Target) -> str:
     path = t.output_dir / PROBE_FILENAME
     if not path.is_file():
         raise Skipped(f"no {PROBE_FILENAME} in {t.output_dir} (recorded at the end of training)")
-    probe = _tensors(path)
+    probe = read_tensors(path)
     try:
         sae = load_sae(t.sae_dir)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
@@ -286,7 +173,7 @@ def saelens_loads(t: Target) -> str:
     path = t.output_dir / PROBE_FILENAME
     if not path.is_file():
         raise Skipped(f"no {PROBE_FILENAME} to compare with")
-    probe = _tensors(path)
+    probe = read_tensors(path)
     try:
         sae = SAE.load_from_disk(str(t.sae_dir))
     except Exception as err:  # whatever SAELens raises, the reason is what matters
@@ -299,7 +186,7 @@ def saelens_loads(t: Target) -> str:
 
 
 def fresh_reconstruction(t: Target) -> str:
-    _need_record(t)
+    need_record(t)
     if t.measure_fvu is None:
         raise Skipped("the run's model is not available (or --no-model)")
     recorded = t.run.get("fvu")
@@ -367,11 +254,11 @@ def dead_features(t: Target) -> str:
                           f"since it was written? python -m midisc.export {t.run['id'] if t.run else 'RUN'} "
                           "writes it again)")
     if t.package_dir is not None:
-        analysis = _json(t.package_file(ANALYSIS_FILENAME))
+        analysis = read_json(t.package_file(ANALYSIS_FILENAME))
         rows = analysis.get("features") or []
         counts[f"{ANALYSIS_FILENAME} flags"] = sum(bool(r.get("is_dead")) for r in rows)
         counts[f"{ANALYSIS_FILENAME} total"] = analysis.get("dead_features")
-        counts[METADATA_FILENAME] = _json(t.package_file(METADATA_FILENAME)).get("dead_features")
+        counts[METADATA_FILENAME] = read_json(t.package_file(METADATA_FILENAME)).get("dead_features")
     if len(counts) < 2:
         raise Skipped("fewer than two sources of dead-feature counts (no database record or package)")
     if len(set(counts.values())) != 1:

@@ -17,14 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from midisc.run_folder import ANALYSIS_FILENAME, DECODER_FILENAME, METADATA_FILENAME, MODEL_FILENAME
 
 if TYPE_CHECKING:
     from midisc.publish.publication import Publication
 
-METADATA_FILENAME = "neuronpedia_metadata.json"
-DECODER_FILENAME = "decoder_weights.npy"
-ANALYSIS_FILENAME = "feature_analysis.json"
-MODEL_FILENAME = "sae_model.pt"
 PACKAGE_FILES = (METADATA_FILENAME, DECODER_FILENAME, ANALYSIS_FILENAME, MODEL_FILENAME)
 
 

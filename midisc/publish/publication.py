@@ -13,12 +13,10 @@ import torch
 from midisc.analysis import profiles
 from midisc.analysis.profiles import Histograms, OutputEffects
 from midisc.sae import SparseAutoencoder
+from midisc.run_folder import EXPORTS_FOLDER
 
-SAE_FOLDER = "sae"
-EXPORTS_FOLDER = "exports"
 # A few held-out vectors and the SAE's outputs on them at the end of training: `verify` reloads the
 # published folder and must reproduce them.
-PROBE_FILENAME = "probe.safetensors"
 PROBE_VECTORS = 64
 
 

@@ -15,12 +15,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import save_file
 
-from midisc.sae.io import CFG_FILENAME
+from midisc.run_folder import CFG_FILENAME, SPARSITY_FILENAME
 
 if TYPE_CHECKING:
     from midisc.publish.publication import Publication
 
-SPARSITY_FILENAME = "sparsity.safetensors"
 # SAELens reads a cfg.json without metadata.sae_lens_version as a pre-6.0 file and rebuilds its metadata
 # from top-level keys, losing ours; this marks the layout version we write (SAELens 6.54 loads it).
 SAELENS_FORMAT = "6.0.0"

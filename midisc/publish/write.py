@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from midisc.publish import dashboard, neuronpedia as package, saelens
-from midisc.publish.publication import SAE_FOLDER, Publication, dashboard_dir, package_dir
+from midisc.publish.publication import Publication, dashboard_dir, package_dir
+from midisc.run_folder import SAE_FOLDER
 
 
 @dataclass

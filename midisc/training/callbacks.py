@@ -15,18 +15,15 @@ from tqdm.auto import tqdm
 
 from midisc.data.activations import ContextChunk
 from midisc.analysis.saebench import EVAL_TYPE, core_report, headline, reconstruction
-from midisc.publish.publication import PROBE_FILENAME, FeatureTable, Publication, add_profiles, write_probe
+from midisc.publish.publication import FeatureTable, Publication, add_profiles, write_probe
 from midisc.publish.write import Written, sha256, write_all
 from midisc.analysis.features import FeatureAnalysis, analyze, example_rows
 from midisc.analysis.metrics import evaluate
-from midisc.sae.io import WEIGHTS_FILENAME
 from midisc.analysis.splice import splice_totals
 from midisc.store import Store
+from midisc.run_folder import EVALUATION_FILENAME, PROBE_FILENAME, WEIGHTS_FILENAME
 
 
-# The per-step metrics written to the run folder's curve file, for `verify --visualize`.
-CURVES_FILENAME = "curves.csv"
-EVALUATION_FILENAME = "evaluation_core.json"  # the same file `python -m midisc.evaluate` writes
 CURVE_METRICS = ("train/loss", "train/mse", "train/fvu", "train/l0", "train/l1", "sparsity/dead_frac", "train/lr")
 
 

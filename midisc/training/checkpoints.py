@@ -3,16 +3,20 @@
 A run saves `checkpoints/last.ckpt` every `every_n_steps` optimizer steps, at each epoch end and on
 Ctrl-C, always to a temporary file renamed over the old one, so a kill in mid-save leaves the previous
 checkpoint whole. The one before it stays as `previous.ckpt`: a resume that finds `last.ckpt` damaged
-(a full disk, a bad copy) goes on from there. A resumed run continues from the exact batch: Lightning restores the weights, the
-optimizer and its counters, and `trainer_position` tells the activation stream which epoch it serves and
-how many of that epoch's batches were already trained on; the stream replays that epoch's seeded order
-and skips them, since a plain iterable cannot be rewound.
+(a full disk, a bad copy) goes on from there.
+
+A resumed run continues from the exact batch: Lightning restores the weights, the optimizer and its
+counters, and `trainer_position` tells the activation stream which epoch it serves and how many of that
+epoch's batches were already trained on; the stream replays that epoch's seeded order and skips them,
+since a plain iterable cannot be rewound. The sums behind the epoch's training averages travel in the
+checkpoint too (`epoch_totals`), which Lightning does not save.
 """
 
 from __future__ import annotations
 
 import csv
 import fcntl
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -21,12 +25,8 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from midisc.run_folder import CHECKPOINT_DIR, DAMAGED_SUFFIX, LAST, LOCK_FILENAME, PREVIOUS
 
-CHECKPOINT_DIR = "checkpoints"
-LAST = "last.ckpt"
-PREVIOUS = "previous.ckpt"
-DAMAGED_SUFFIX = ".damaged"
-LOCK_FILENAME = ".running.lock"
 EPOCH_TOTALS_KEY = "midisc_epoch_totals"
 
 
@@ -195,3 +195,28 @@ class RunLock:
             fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
             self._file = None
+
+
+def log_into_run_folder(fresh: Path, run_folder: Path) -> None:
+    """Send a resume's log to the resumed run's train.log and remove the folder Hydra made for the resume.
+
+    Hydra gives every invocation a new outputs/<date>/<time>/ folder; a resume trains in the run's own
+    folder, so the new one would hold nothing but its log and .hydra/ (the resume's two overrides).
+    """
+    for handler in logging.getLogger().handlers:
+        if not isinstance(handler, logging.FileHandler) or Path(handler.baseFilename).parent != fresh:
+            continue
+        old = Path(handler.baseFilename)
+        handler.close()
+        target = run_folder / old.name
+        if old.is_file():  # what was logged before the resume knew its run
+            with open(target, "a") as log_file:
+                log_file.write(old.read_text())
+            old.unlink()
+        handler.baseFilename, handler.mode = str(target), "a"  # reopened there at the next record
+    shutil.rmtree(fresh / ".hydra", ignore_errors=True)
+    for folder in (fresh, fresh.parent):  # the time folder, then the date folder when nothing else is in it
+        try:
+            folder.rmdir()
+        except OSError:
+            break

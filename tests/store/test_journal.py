@@ -7,8 +7,9 @@ from sqlalchemy.engine import make_url
 
 from midisc.db import main as db_main
 from midisc.store import Store
-from midisc.store.journal import PENDING_FILENAME, Journal, pending, replay
+from midisc.store.journal import Journal, pending, replay
 from proxy import Proxy
+from midisc.run_folder import PENDING_FILENAME
 
 
 @pytest.fixture
