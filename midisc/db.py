@@ -173,7 +173,7 @@ def journal_target(path: Path, header: Header | None, given: str | None) -> str:
             raise JournalError(f"{path} holds writes of run {header.run_id} of {header.database}, but --db names "
                                f"{database_identity(url)}: nothing sent, journal kept")
         return url
-    if ":***@" not in header.database:
+    if not header.password_hidden:
         return header.database
     for candidate in (lambda: os.environ.get("MIDISC_DB_URL"), postgres_url_from_env):
         try:

@@ -212,7 +212,7 @@ def train(cfg: DictConfig, output_dir: Path) -> Result:
 def sync_command(journal: Journal) -> str:
     """The command that sends `journal` to its database; it finds the database in the file itself."""
     command = f"python -m midisc.db sync {journal.path}"
-    if ":***@" in journal.header.database:  # the password is not kept: say where it goes
+    if journal.header.password_hidden:  # say where it goes, the password being nowhere to be read
         command += f" --db '{journal.header.database}' (your password in place of ***, or set MIDISC_DB_URL)"
     return command
 

@@ -28,6 +28,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from midisc.store.engine import StoreError, driver_message
@@ -57,6 +58,11 @@ class Header:
     run_id: int       # the run's id in that database
     run_uuid: str     # the run's identity in any database
     run: dict         # RUN_FIELDS and started_at (ISO 8601), to record the run again
+
+    @property
+    def password_hidden(self) -> bool:
+        """Whether the database's URL had a password, which the journal does not keep (it shows as ***)."""
+        return make_url(self.database).password is not None
 
     @classmethod
     def of_run(cls, store: Store, run_id: int) -> Header:

@@ -25,6 +25,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
 from midisc.run_folder import CHECKPOINT_DIR, DAMAGED_SUFFIX, LAST, LOCK_FILENAME, PREVIOUS
 
 EPOCH_TOTALS_KEY = "midisc_epoch_totals"
