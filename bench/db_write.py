@@ -1,6 +1,6 @@
 """Database writes: 20,480 feature rows and their top examples through midisc's Store, on SQLite and PostgreSQL.
 
-Why: at the end of training `callbacks.record_analysis` writes one row per feature (`Store.add_features`) and
+Why: at the end of training `finish.record_analysis` writes one row per feature (`Store.add_features`) and
 every feature's examples (`Store.add_feature_examples`). seed_phi2's SAE has 20,480 features and keeps
 `analysis.n_top` = 20 top examples each (a window of before + 1 + after = 21 tokens): ~410k example rows. A
 slow write holds every run at its end, and PostgreSQL over a network pays per round trip.

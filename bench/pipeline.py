@@ -8,10 +8,11 @@ composes it (SQLite and the activation cache in a temporary folder). The phases 
 here, the functions train.py calls, so nothing in midisc/ changes; time inside a nested phase counts only
 for the inner one (the first epoch's harvest runs inside `Trainer.fit`, for instance):
 - load: reading the texts, checking the hook (a meta-device model), loading the weights, tokenising;
-- harvest: inside the activation generators (`harvest_contexts` for the held-out texts, `harvest` for training);
+- harvest: inside the activation generators of data/recipe.py (`harvest_contexts` for the held-out texts,
+  `harvest` for training);
 - train: `Trainer.fit` (SAE steps, validation, checkpoints) minus everything nested in it;
-- analysis: the feature analysis and SAEBench's evaluation (`RunRecorder` and `Evaluator` at the end of training);
-- export: the SAELens folder, the Neuronpedia package and dashboard files (`Publisher`);
+- analysis: the feature analysis and SAEBench's evaluation (`analyze_features` and `evaluate` of training/finish.py);
+- export: the SAELens folder, the Neuronpedia package and dashboard files (`publish` of training/finish.py);
 - database: every `Store` call (opening it, runs, epoch metrics, features, examples);
 - other: the rest (config checks, Lightning's set-up, the summary).
 
@@ -37,8 +38,8 @@ import lightning as L
 from hydra import compose, initialize_config_dir
 
 import midisc.train
-from midisc.training import callbacks
-from midisc.data import corpus, lm
+from midisc.data import corpus, lm, recipe
+from midisc.training import finish
 from midisc.store import Store
 
 import tiny
@@ -106,13 +107,13 @@ def timed_run(overrides: list[str], folder: Path) -> dict[str, float]:
     clock = PhaseClock()
     wraps = [(midisc.train, "load_corpus", "load"), (lm, "load_config", "load"), (lm, "resolve_hook", "load"),
              (lm, "load_model", "load"), (corpus, "pack", "load"), (L.Trainer, "fit", "train"),
-             (callbacks.RunRecorder, "on_train_end", "analysis"), (callbacks.Evaluator, "on_train_end", "analysis"),
-             (callbacks.Publisher, "on_train_end", "export"), *((Store, name, "database") for name in STORE_CALLS)]
+             (finish, "analyze_features", "analysis"), (finish, "evaluate", "analysis"), (finish, "publish", "export"),
+             *((Store, name, "database") for name in STORE_CALLS)]
     with ExitStack() as patches:
         for owner, name, phase in wraps:
             patches.enter_context(mock.patch.object(owner, name, clock.calls(phase, getattr(owner, name))))
         for name in ("harvest", "harvest_contexts"):
-            patches.enter_context(mock.patch.object(midisc.train, name, clock.items("harvest", getattr(midisc.train, name))))
+            patches.enter_context(mock.patch.object(recipe, name, clock.items("harvest", getattr(recipe, name))))
         with clock.phase("other"):
             midisc.train.train(cfg, folder)
     return {**{p: clock.seconds[p] for p in PHASES}, "total": sum(clock.seconds.values())}

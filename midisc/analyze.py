@@ -15,13 +15,12 @@ import math
 import time
 
 import torch
-from tqdm.auto import tqdm
 
-from midisc.data import lm
-from midisc.training.callbacks import record_analysis
+from midisc.analysis.features import frequency_bins
 from midisc.cli import UsageError, add_db_argument, make_console, open_store, run_tool
-from midisc.analysis.features import analyze, example_rows, frequency_bins
-from midisc.training.reopen import contexts, harvest_run, open_model, open_run, run_texts
+from midisc.data import lm
+from midisc.training.finish import analyze_features, record_analysis
+from midisc.training.reopen import open_run
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -48,28 +47,26 @@ def main(argv: list[str] | None = None) -> int:
             if value is not None:
                 options[key] = value
         try:
-            model = open_model(run)
+            source = run.recipe.open()
         except lm.ModelError as err:
             raise lm.ModelError(f"run {run.id} needs its model to be analysed again: {err}") from None
-        train_texts, heldout_texts = run_texts(run)
-        ctx = contexts(run, model, heldout_texts)
+        train_texts, heldout_texts = run.recipe.texts()
+        ctx = source.tokens.pack(heldout_texts)
         if args.tokens is not None:
             wanted = math.ceil(args.tokens / run.config["context_size"])
             if wanted > len(ctx):  # only then pay for tokenising the training texts
-                ctx = torch.cat([ctx, contexts(run, model, train_texts)])
+                ctx = torch.cat([ctx, source.tokens.pack(train_texts)])
             ctx = ctx[:wanted]
-        batches = math.ceil(len(ctx) / run.config["activations"]["lm_batch_size"])
-        chunks = tqdm(harvest_run(run, model, ctx), total=batches, desc="feature analysis", unit="batch")
-        try:
-            result = analyze(run.sae, chunks, **options)
-        except ValueError as err:  # bad example options: name them
-            raise UsageError(str(err)) from None
         known = store.features(run.id)
         # Dead means "no firing in training's last window" when training said so; else never fired here.
-        dead = ([f["is_dead"] for f in known] if len(known) == run.sae.d_sae
-                else (result.stats.frequency == 0).tolist())
-        written = record_analysis(store, run.id, result, example_rows(result, lm.token_texts(model.loaded.tokenizer)),
-                                  dead)
+        dead = [f["is_dead"] for f in known] if len(known) == run.sae.d_sae else None
+        try:
+            analysed = analyze_features(run.sae, source.chunks(ctx, progress="feature analysis"), source.tokens.decode(),
+                               options, dead)
+        except ValueError as err:  # bad example options: name them
+            raise UsageError(str(err)) from None
+        written = record_analysis(store, run.id, analysed)
+    result = analysed.analysis
     bins = frequency_bins(result.stats.frequency.tolist())
     console.print(f"run {run.id}: analysed {result.stats.n_tokens:,} tokens in {len(ctx)} contexts "
                   f"in {time.time() - started:.0f}s; stored {run.sae.d_sae:,} features and {written:,} examples")

@@ -2,16 +2,19 @@
 happens, with one line naming the value and the valid range.
 
 Checks here need only the config itself; checks that need the model's shape (layer past the last block,
-k wider than the SAE, an unknown module path) run in `midisc.data.lm.resolve_hook` and the SAE constructors,
-still before any weights load.
+an unknown module path) run in `midisc.data.lm.resolve_hook`. The SAE's hyperparameters are checked by its
+constructor alone (with `midisc.sae.settings`, the functions that check every number here too), which
+`train.py` runs on the meta device with the model's width before any weights load; here only the names
+of the `sae:` keys are checked against the constructor's.
 """
 
 from __future__ import annotations
 
 import codecs
+import difflib
 import hashlib
 import importlib
-import math
+import inspect
 from typing import get_args
 
 from hydra.core.hydra_config import HydraConfig
@@ -22,6 +25,7 @@ from midisc.data.activations import STORE_DTYPES
 from midisc.data.corpus import SOURCES
 from midisc.data.lm import DTYPES
 from midisc.sae.base import B_DEC_METHODS
+from midisc.sae.settings import integer, number
 from midisc.store.engine import postgres_url_from_env
 
 
@@ -58,24 +62,17 @@ def _get(cfg: DictConfig, key: str):
 
 
 def _int(cfg: DictConfig, key: str, low: int, high: int | None = None) -> int:
-    value = _get(cfg, key)
-    valid = f">= {low}" if high is None else f"in {low}..{high}"
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{key} must be an integer {valid}, got {value!r}")
-    if value < low:
-        raise ConfigError(f"{key}={value} is too small; it must be {valid}")
-    if high is not None and value > high:
-        raise ConfigError(f"{key}={value} is too large; it must be {valid}")
-    return value
+    try:
+        return integer(key, _get(cfg, key), low, high)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
-def _number(cfg: DictConfig, key: str, low: float, *, strict: bool = False) -> float:
-    value = _get(cfg, key)
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < low or (strict and value == low):
-        bound = f"> {low}" if strict else f">= {low}"
-        raise ConfigError(f"{key} must be a number {bound}, got {value!r}")
-    return float(value)
+def _number(cfg: DictConfig, key: str, low: float, *, strict: bool = False, high: float | None = None) -> float:
+    try:
+        return number(key, _get(cfg, key), low, strict=strict, high=high)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _choice(cfg: DictConfig, key: str, valid) -> str:
@@ -140,7 +137,7 @@ def check_config(cfg: DictConfig) -> None:
     _int(cfg, "seed", 0, 2**32 - 1)  # the range Lightning's seed_everything accepts
     for key, low in [("max_samples", 1), ("context_size", 2), ("batch_size", 1), ("epochs", 1),
                      ("dead_window", 1), ("activations.buffer_size", 1), ("activations.lm_batch_size", 1),
-                     ("data.holdout_texts", 1), ("sae.expansion", 1), ("export.features_per_batch", 1),
+                     ("data.holdout_texts", 1), ("export.features_per_batch", 1),
                      ("export.output_tokens", 1), ("analysis.n_top", 1), ("analysis.n_quantile", 0),
                      ("analysis.before", 0), ("analysis.after", 0), ("checkpoint_every", 1),
                      ("evaluate.contexts", 0)]:
@@ -151,16 +148,7 @@ def check_config(cfg: DictConfig) -> None:
         _int(cfg, "max_vectors", _get(cfg, "batch_size"))
     if _get(cfg, "max_doc_tokens") is not None:
         _int(cfg, "max_doc_tokens", 1)
-    _class(cfg, "sae._target_", "midisc.sae.topk.TopKSAE")
-    if "k" in cfg.sae:
-        _int(cfg, "sae.k", 1)
-    if "l1_coef" in cfg.sae:
-        _number(cfg, "sae.l1_coef", 0.0)
-    if "l0_coef" in cfg.sae:  # JumpReLU
-        _number(cfg, "sae.l0_coef", 0.0)
-    for key in ("bandwidth", "init_threshold", "threshold_lr"):  # JumpReLU, BatchTopK
-        if key in cfg.sae:
-            _number(cfg, f"sae.{key}", 0.0, strict=True)
+    _check_sae_keys(cfg)
     _check_optimizer(cfg)
     _choice(cfg, "activations.cache", ("memory", "disk", "auto"))
     _choice(cfg, "activations.dtype", tuple(STORE_DTYPES))
@@ -173,18 +161,33 @@ def check_config(cfg: DictConfig) -> None:
     _int(cfg, "resample_every", 0)
     _int(cfg, "schedule.lr_warmup_steps", 0)
     _int(cfg, "schedule.sparsity_warmup_steps", 0)
-    if not 0 <= _number(cfg, "schedule.lr_decay_frac", 0.0) <= 1:
-        raise ConfigError(f"schedule.lr_decay_frac must be a number in 0..1, got {_get(cfg, 'schedule.lr_decay_frac')!r}")
-    if "aux_k_coef" in cfg.sae:  # TopK, BatchTopK
-        _number(cfg, "sae.aux_k_coef", 0.0)
-    if _get(cfg, "sae.aux_k") is not None:
-        _int(cfg, "sae.aux_k", 1)
+    _number(cfg, "schedule.lr_decay_frac", 0.0, high=1.0)
     _bool(cfg, "export.neuronpedia")
     _text(cfg, "export.set_name", optional=True)
     _text(cfg, "storage.url", optional=True)
     _check_model(cfg)
     _check_data(cfg)
     _check_trainer(cfg)
+
+
+# Given by train.py, not by the config: the model's width and the run's seed.
+SAE_ARGUMENTS_FROM_THE_RUN = ("d_in", "seed")
+
+
+def _check_sae_keys(cfg: DictConfig) -> None:
+    """Every `sae:` key is a setting of the class it names; Hydra would fail on one only after the model loads."""
+    _class(cfg, "sae._target_", "midisc.sae.topk.TopKSAE")
+    module, _, name = cfg.sae._target_.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    settings = [p for p in inspect.signature(cls).parameters if p not in SAE_ARGUMENTS_FROM_THE_RUN]
+    for key in cfg.sae:
+        if key == "_target_" or key in settings:
+            continue
+        if key in SAE_ARGUMENTS_FROM_THE_RUN:
+            raise ConfigError(f"sae.{key} is set by midisc (from the model and the run's seed); remove it")
+        near = difflib.get_close_matches(key, settings, n=1)
+        hint = f"did you mean sae.{near[0]}? " if near else ""
+        raise ConfigError(f"sae.{key} is not a setting of {cls.__name__}; {hint}its settings: {', '.join(settings)}")
 
 
 def _check_optimizer(cfg: DictConfig) -> None:

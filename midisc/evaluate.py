@@ -12,38 +12,23 @@ replaces the run's earlier core evaluation in the database (table `evaluations`)
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from midisc.run_folder import EVALUATION_FILENAME
 from midisc.cli import UsageError, add_db_argument, make_console, make_table, open_store, print_json, run_tool
-from midisc.analysis.saebench import EVAL_TYPE, core_report, reconstruction
-from midisc.training.reopen import contexts, harvest_run, open_model, open_run, run_texts
-from midisc.analysis.splice import splice_totals
-
-SPLICE_BATCH = 8  # contexts per forward: three vocab-wide logit tensors of this many contexts are held at once
+from midisc.store import Store
+from midisc.training.finish import evaluate, evaluation_config, record_evaluation
+from midisc.training.reopen import open_run
 
 
-def evaluate_run(store, run_id: int, n_contexts: int = 64, progress: bool = True) -> dict:
-    """Evaluate the run's SAE on its held-out texts, record the result, and return it."""
+def evaluate_run(store: Store, run_id: int, n_contexts: int = 64, progress: bool = True) -> dict:
+    """Evaluate the run's SAE on its held-out texts as training does, record the result, and return it."""
     run = open_run(store, run_id)
-    model = open_model(run)
-    heldout = contexts(run, model, run_texts(run)[1])
-    chunks = harvest_run(run, model, heldout, progress="held-out activations" if progress else None)
-    recon = reconstruction(run.sae, (chunk.acts for chunk in chunks))
-    spliced = heldout[:n_contexts]
-    totals = splice_totals(model.loaded.model, model.module, run.sae, spliced.split(SPLICE_BATCH),
-                           special_ids=model.special, outlier_factor=run.config["activations"]["outlier_factor"],
-                           progress="spliced forwards" if progress else None)
-    config = {"model_name": run.row["model"], "hook_name": run.row["hook"], "layer": run.row["layer"],
-              "context_size": run.config["context_size"], "n_contexts_spliced": len(spliced),
-              "dataset": "held-out texts of the run", "exclude_special_tokens_from_reconstruction": True,
-              "run_id": run_id}
-    report = core_report(recon, totals.scores(), totals.tokens, config)
-    store.add_evaluation(run_id, EVAL_TYPE, totals.tokens, report)
-    folder = Path(run.row["output_dir"])
-    if folder.is_dir():
-        (folder / EVALUATION_FILENAME).write_text(json.dumps(report, indent=2, allow_nan=False))
+    source = run.recipe.open()
+    contexts = source.tokens.pack(run.recipe.texts()[1])
+    heldout = list(source.chunks(contexts, progress="held-out activations" if progress else None))
+    config = evaluation_config(run.row["hook"], run.row["model"], run.row["layer"], run.config["context_size"], run_id)
+    report = evaluate(run.sae, source, heldout, n_contexts, config, progress)
+    record_evaluation(store, run_id, Path(run.row["output_dir"]), report)
     return report
 
 

@@ -23,7 +23,7 @@ from midisc.analysis import plots, sweeps
 from midisc.cli import (UsageError, add_db_argument, heat, make_console, make_table, number, open_store, percent, preview,
                         print_json, run_tool)
 from midisc.analysis.features import frequency_bins, log_density_histogram
-from midisc.analysis.report import quality_notes, run_overview
+from midisc.analysis.overview import quality_notes, run_overview
 from midisc.training.reopen import logit_effects
 
 SORT_KEYS = {"frequency": "frequency", "max": "max_activation", "mean": "mean_activation"}

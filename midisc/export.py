@@ -14,18 +14,15 @@ run's model, which is reloaded and run over the run's held-out texts.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
-from midisc.data import lm
 from midisc.cli import UsageError, add_db_argument, make_console, open_store, run_tool
-from midisc.publish.publication import FeatureTable, Publication, add_profiles, run_info
-from midisc.publish.write import write_all
-from midisc.training.reopen import OpenedRun, contexts, harvest_run, open_model, open_run, run_texts
+from midisc.data import lm
+from midisc.publish.publication import FeatureTable, Publication, run_info
 from midisc.store import Store
+from midisc.training.finish import publish
+from midisc.training.reopen import OpenedRun, open_run
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -64,26 +61,25 @@ def main(argv: list[str] | None = None) -> int:
         per_batch = args.features_per_batch or export["features_per_batch"]
         if per_batch < 1:
             raise UsageError(f"--features-per-batch={per_batch} must be at least 1")
-        model = None
+        source = None
         if not args.no_model:
             try:
-                model = open_model(run)
+                source = run.recipe.open()
             except lm.ModelError as err:
                 raise lm.ModelError(f"{err}; with --no-model the dashboards are skipped") from None
-        n_layers = lm.num_layers(model.loaded.model.config) if model else 0
+        n_layers = source.n_layers() if source else 0
         pub = Publication(sae=run.sae, run_id=run.id, metrics=run.row.get("metrics") or {},
                           features=feature_table(store, run), examples=store.feature_examples(run.id),
                           set_name=set_name, **run_info(run.config, run.row["hook"], n_layers))
-    if model is not None:
-        ctx = contexts(run, model, run_texts(run)[1])
-        batches = math.ceil(len(ctx) / run.config["activations"]["lm_batch_size"])
-        chunks = tqdm(harvest_run(run, model, ctx), total=batches, desc="activation histograms", unit="batch")
-        add_profiles(pub, [chunk.acts for chunk in chunks], lm.unembedding(model.loaded.model),
-                     lm.token_texts(model.loaded.tokenizer), n_tokens=export["output_tokens"])
+    acts = []
+    if source is not None:
+        contexts = source.tokens.pack(run.recipe.texts()[1])
+        acts = [chunk.acts for chunk in source.chunks(contexts, progress="activation histograms")]
     out = Path(args.out or run.row["output_dir"])
     # Into the run's own folder the recorded weights stay untouched (their checksum is on record).
     same = (out / "sae").resolve() == run.sae_dir.resolve()
-    written = write_all(pub, out, neuronpedia=True, weights=not same, features_per_batch=per_batch)
+    written = publish(pub, out, acts, source, neuronpedia=True, features_per_batch=per_batch,
+                      output_tokens=export["output_tokens"], weights=not same)
     console.print(f"run {run.id} exported in {time.time() - started:.0f}s")
     console.print(f"  SAELens folder:      {written.saelens}")
     console.print(f"  Neuronpedia package: {written.package}")

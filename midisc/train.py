@@ -38,18 +38,19 @@ from midisc.analysis.features import frequency_bins
 from midisc.cli import user_errors
 from midisc.config import ConfigError, check_config
 from midisc.data import corpus, lm
-from midisc.data.activations import (ActivationStream, ContextChunk, MemoryCache, harvest, harvest_contexts,
-                                     keep_mask, take_rows)
+from midisc.data.activations import ActivationStream, ContextChunk, MemoryCache, keep_mask
+from midisc.data.recipe import Recipe, Source
 from midisc.data.cache import SharedCache, cache_bytes
 from midisc.publish.publication import run_info
 from midisc.run_folder import CHECKPOINT_DIR, CURVES_FILENAME, PENDING_FILENAME
 from midisc.store import Store, redact_url
 from midisc.store.journal import Journal
 from midisc.store.redaction import redact_console, redact_log_records, redact_text, scrub_hydra_files
-from midisc.training.callbacks import Evaluator, ProgressBar, Publisher, RunRecorder
+from midisc.training.callbacks import MetricsRecorder, ProgressBar
 from midisc.training.checkpoints import (CheckpointError, Checkpointer, RunLock, checkpoint_step, last_checkpoint,
                                         log_into_run_folder, resume_checkpoint, trainer_position, trim_curves)
-from midisc.training.module import FoldInputScale, SAEModule, StopOnNonFiniteLoss
+from midisc.training.finish import RunEnd, finish
+from midisc.training.module import SAEModule, StopOnNonFiniteLoss
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,8 @@ def load_corpus(cfg: DictConfig) -> tuple[list[str], list[str]]:
 
 
 def build_sae(cfg: DictConfig, d_in: int, device: str = "cpu") -> torch.nn.Module:
-    """The configured SAE; its constructor's checks (k within the width, l1_coef >= 0…) become ConfigErrors."""
+    """The configured SAE. Its constructor is the one place its hyperparameters are checked (k within the
+    width, l1_coef >= 0…): a refusal becomes a ConfigError naming the key, e.g. `sae.k=0 is too small`."""
     try:
         with torch.device(device):
             return instantiate(cfg.sae, d_in=d_in, seed=cfg.seed)
@@ -86,7 +88,7 @@ def build_sae(cfg: DictConfig, d_in: int, device: str = "cpu") -> torch.nn.Modul
         cause = err.__cause__ if isinstance(err.__cause__, ValueError) else None
         if cause is None:
             raise
-        raise ConfigError(f"sae: {cause}") from None
+        raise ConfigError(f"sae.{cause}") from None
 
 
 def make_cache(cfg: DictConfig, producer: dict, expected_bytes: int) -> SharedCache | nullcontext:
@@ -155,6 +157,7 @@ def train(cfg: DictConfig, output_dir: Path) -> Result:
     hook = lm.resolve_hook(hf_config, layer=cfg.layer, site=m.site, hooks=dict(m.hooks), hook=m.hook)
     if m.hook is None:  # the standard sites all output hidden_size: the SAE's own checks can run now
         build_sae(cfg, d_in=hf_config.hidden_size, device="meta")  # meta: no memory, no weights
+    # (a raw hook's width is known once the model has run one context: _fit builds the SAE then)
     L.seed_everything(cfg.seed, verbose=False)
 
     lock = RunLock(output_dir)
@@ -219,73 +222,45 @@ def sync_command(journal: Journal) -> str:
 
 def _fit(cfg: DictConfig, output_dir: Path, store: Store | None, run_id: int | None, hook: str,
          train_texts: list[str], heldout_texts: list[str], resume_from: Path | None) -> Result:
-    m, acts = cfg.model, cfg.activations
+    recipe = Recipe.of(OmegaConf.to_container(cfg, resolve=True), hook)
     # The tokenizer first: the data can refuse the batch size before the weights take their time to load.
-    tokenizer = lm.load_tokenizer(m.name, gguf_package=m.gguf_package, gguf_file=m.gguf_file)
-    separator, special = lm.special_token_ids(tokenizer, m.separator)
-    bos = tokenizer.bos_token_id if m.prepend_bos else None
-    train_ctx = corpus.pack(train_texts, tokenizer, cfg.context_size, separator, bos, cfg.max_doc_tokens)
-    heldout_ctx = corpus.pack(heldout_texts, tokenizer, cfg.context_size, separator, bos, cfg.max_doc_tokens)
-    expected = int(keep_mask(train_ctx, special).sum())
+    tokens = recipe.tokens()
+    train_ctx, heldout_ctx = tokens.pack(train_texts), tokens.pack(heldout_texts)
+    expected = int(keep_mask(train_ctx, tokens.special).sum())
     if cfg.max_vectors is not None:
         expected = min(expected, cfg.max_vectors)
     if expected < cfg.batch_size:
         raise ConfigError(f"the {len(train_ctx)} training contexts give at most {expected} activation vectors, "
                           f"fewer than one batch of batch_size={cfg.batch_size}; raise max_samples or lower batch_size")
-    loaded = lm.load_model(m.name, gguf_package=m.gguf_package, gguf_file=m.gguf_file, dtype=m.dtype,
-                           device_map=m.device_map, tokenizer=tokenizer)
-    module = dict(loaded.model.named_modules())[hook]
-
-    options = dict(special_ids=special, batch_contexts=acts.lm_batch_size, outlier_factor=acts.outlier_factor,
-                   store_dtype=acts.dtype)
-    # Everything that decides the activations; runs that agree on it share one cache (the SAE settings don't).
-    producer = dict(model=m.name, gguf=m.gguf_file, hook=hook, data=OmegaConf.to_container(cfg.data),
-                    max_samples=cfg.max_samples, max_vectors=cfg.max_vectors, max_doc_tokens=cfg.max_doc_tokens,
-                    seed=cfg.seed,
-                    context_size=cfg.context_size, separator=m.separator, bos=m.prepend_bos,
-                    outlier_factor=acts.outlier_factor, dtype=acts.dtype, model_dtype=m.dtype,
-                    lm_batch_size=acts.lm_batch_size)  # outliers are judged against each forward batch's median
-    need = cache_bytes(expected + heldout_ctx.numel(), loaded.model.config.hidden_size, acts.dtype,
+    source = recipe.open(tokens)
+    sae = build_sae(cfg, d_in=source.width(heldout_ctx))  # before the harvest: a raw hook's checks run here
+    need = cache_bytes(expected + heldout_ctx.numel(), source.model.config.hidden_size, recipe.dtype,
                        tokens=heldout_ctx.numel())
-    with make_cache(cfg, producer, need) as cache:
+    with make_cache(cfg, recipe.producer(), need) as cache:
         if getattr(cache, "complete", False):
             log.info(f"reusing cached activations from {cache.folder} ({cache.describe()}); "
                      "the language model does not run")
             heldout_chunks = cache.load_heldout()
         else:
             # Held-out activations keep their contexts: the feature analysis shows them as examples.
-            heldout_chunks = list(harvest_contexts(loaded.model, module, heldout_ctx,
-                                                   progress="held-out activations", **options))
+            heldout_chunks = list(source.chunks(heldout_ctx, progress="held-out activations"))
             if isinstance(cache, SharedCache):
                 cache.save_heldout(heldout_chunks)
-
-        def vectors():  # the first max_vectors of the harvest: the language model stops there
-            return take_rows(harvest(loaded.model, module, train_ctx, **options), cfg.max_vectors)
-
-        stream = ActivationStream(vectors, cache, batch_size=cfg.batch_size, buffer_size=acts.buffer_size,
-                                  expected_rows=expected, seed=cfg.seed)
-        return _train(cfg, output_dir, store, run_id, hook, loaded, module, special, stream, heldout_chunks,
-                      resume_from)
+        stream = ActivationStream(lambda: source.vectors(train_ctx), cache, batch_size=cfg.batch_size,
+                                  buffer_size=cfg.activations.buffer_size, expected_rows=expected, seed=cfg.seed)
+        return _train(cfg, output_dir, store, run_id, sae, source, stream, heldout_chunks, resume_from)
 
 
-def _train(cfg: DictConfig, output_dir: Path, store: Store | None, run_id: int | None, hook: str,
-           loaded: lm.LoadedModel, module: torch.nn.Module, special: list[int], stream: ActivationStream,
-           heldout_chunks: list[ContextChunk], ckpt: Path | None) -> Result:
+def _train(cfg: DictConfig, output_dir: Path, store: Store | None, run_id: int | None, sae: torch.nn.Module,
+           source: Source, stream: ActivationStream, heldout_chunks: list[ContextChunk], ckpt: Path | None) -> Result:
     heldout = torch.cat([chunk.acts for chunk in heldout_chunks])
-    sae = build_sae(cfg, d_in=heldout.shape[1])
     if store:
         store.update_run(run_id, d_in=sae.d_in, d_sae=sae.d_sae)
-    heldout_batches = list(heldout.split(cfg.batch_size))
-    recorder = RunRecorder(store, run_id, output_dir / CURVES_FILENAME, heldout_chunks, lm.token_texts(loaded.tokenizer),
-                           analysis=OmegaConf.to_container(cfg.analysis), count_tokens=lambda: stream.n_rows)
-    info = run_info(OmegaConf.to_container(cfg, resolve=True), hook, lm.num_layers(loaded.model.config))
-    publisher = Publisher(store, recorder, output_dir, info, lambda: lm.unembedding(loaded.model),
-                          OmegaConf.to_container(cfg.export))
     if cfg.resample_every and not hasattr(sae, "b_enc"):
         raise ConfigError(f"resample_every={cfg.resample_every} needs an SAE with an encoder bias b_enc (relu, topk, "
                           f"batchtopk, jumprelu); {type(sae).__name__} has none: set resample_every=0")
-    module_ = SAEModule(sae, instantiate(cfg.optimizer), b_dec_init=cfg.b_dec_init, dead_window=cfg.dead_window,
-                        normalize_input=cfg.normalize_input, resample_every=cfg.resample_every, **cfg.schedule)
+    module = SAEModule(sae, instantiate(cfg.optimizer), b_dec_init=cfg.b_dec_init, dead_window=cfg.dead_window,
+                       normalize_input=cfg.normalize_input, resample_every=cfg.resample_every, **cfg.schedule)
     checkpointer = Checkpointer(output_dir / CHECKPOINT_DIR, cfg.checkpoint_every)
     if ckpt:
         step, epoch = checkpoint_step(ckpt)
@@ -294,30 +269,34 @@ def _train(cfg: DictConfig, output_dir: Path, store: Store | None, run_id: int |
     elif cfg.resume is not None:
         (output_dir / CURVES_FILENAME).unlink(missing_ok=True)
         log.info(f"run {run_id} saved no checkpoint before it stopped; training it again from the start")
-    evaluator = Evaluator(store, recorder, output_dir, loaded.model, module, special,
-                          cfg.activations.outlier_factor, cfg.evaluate.contexts,
-                          {"model_name": cfg.model.name, "hook_name": hook, "context_size": cfg.context_size,
-                           "dataset": "held-out texts of the run", "exclude_special_tokens_from_reconstruction": True})
-    # In this order: a NaN loss stops the run before anything records it, the evaluator and publisher read the
-    # recorder's results, the publisher the evaluator's headline, and an epoch's row is written before its checkpoint.
-    callbacks: list[L.Callback] = [StopOnNonFiniteLoss(cfg.checkpoint_every), FoldInputScale(), recorder, evaluator,
-                                   checkpointer, publisher]
+    # In this order: a NaN loss stops the run before anything records it, and an epoch's row is written
+    # before its checkpoint.
+    callbacks: list[L.Callback] = [StopOnNonFiniteLoss(cfg.checkpoint_every),
+                                   MetricsRecorder(store, run_id, output_dir / CURVES_FILENAME), checkpointer]
     if cfg.trainer.enable_progress_bar:
         callbacks.append(ProgressBar())
     trainer = instantiate(cfg.trainer, default_root_dir=str(output_dir), logger=make_loggers(cfg, output_dir) or False,
                           callbacks=callbacks)
     stream.position = trainer_position(trainer)
-    trainer.fit(module_, train_dataloaders=DataLoader(stream, batch_size=None),
-                val_dataloaders=DataLoader(heldout_batches, batch_size=None), ckpt_path=ckpt)
+    trainer.fit(module, train_dataloaders=DataLoader(stream, batch_size=None),
+                val_dataloaders=DataLoader(list(heldout.split(cfg.batch_size)), batch_size=None), ckpt_path=ckpt)
     if trainer.interrupted:
         raise KeyboardInterrupt
+    module.fold_input_scale()  # from here on the SAE takes raw activations
+    # fit's teardown leaves the module on the CPU: analysis and evaluation run where training ran.
+    module.to(trainer.strategy.root_device)
+    info = run_info(OmegaConf.to_container(cfg, resolve=True), source.recipe.hook, source.n_layers())
+    end = RunEnd(sae=module.sae, heldout=heldout_chunks, source=source, store=store, run_id=run_id,
+                 output_dir=output_dir, info=info,
+                 is_dead=(module.tokens_since_fired >= module.dead_window).cpu().tolist(),
+                 dead_frac=float(module.dead_frac()), n_tokens=stream.n_rows)
+    done = finish(end, OmegaConf.to_container(cfg.analysis), OmegaConf.to_container(cfg.evaluate),
+                  OmegaConf.to_container(cfg.export), progress=bool(cfg.trainer.enable_progress_bar))
     checkpointer.discard()
-    final = recorder.metrics
     if store:
         store.update_run(run_id, n_tokens=stream.n_rows)
-    bins = frequency_bins(recorder.analysis.stats.frequency.tolist())
-    return Result(run_id=run_id, output_dir=output_dir, sae_dir=publisher.written.saelens, metrics=final, seconds=0.0, sae=module_.sae,
-                  frequency_bins=bins)
+    return Result(run_id=run_id, output_dir=output_dir, sae_dir=done.written.saelens, metrics=done.metrics,
+                  seconds=0.0, sae=module.sae, frequency_bins=frequency_bins(done.analysed.table().frequency))
 
 
 def summary(result: Result, db_url: str | None) -> str:

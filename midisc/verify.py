@@ -26,8 +26,8 @@ from midisc.data import lm
 from midisc.publish.check_target import FAIL, PASS, SKIP, Skipped, Target
 from midisc.publish.checks import run_checks
 from midisc.cli import UsageError, add_db_argument, make_console, make_table, open_store, print_json, run_tool
-from midisc.analysis.metrics import evaluate
-from midisc.training.reopen import RunError, contexts, harvest_run, open_model, open_run, run_texts
+from midisc.analysis.metrics import reconstruction_metrics
+from midisc.training.reopen import RunError, open_run
 from midisc.store import Store, StoreError
 from midisc.run_folder import (ANALYSIS_FILENAME, CFG_FILENAME, CURVES_FILENAME, EXPORTS_FOLDER, PROBE_FILENAME,
                                REPORT_FILENAME, SAE_FOLDER)
@@ -100,13 +100,13 @@ def fresh_fvu(store: Store, run_id: int, tokens: int):
     def measure() -> tuple[float, int]:
         try:
             run = open_run(store, run_id)
-            model = open_model(run)
+            source = run.recipe.open()
         except (lm.ModelError, RunError) as err:
             raise Skipped(f"the run's model does not load: {err}") from None
-        ctx = contexts(run, model, run_texts(run)[1])
+        ctx = source.tokens.pack(run.recipe.texts()[1])
         ctx = ctx[: max(1, math.ceil(tokens / run.config["context_size"]))]
-        acts = [chunk.acts for chunk in harvest_run(run, model, ctx, progress="fresh activations")]
-        return evaluate(run.sae, acts)["fvu"], sum(len(a) for a in acts)
+        acts = [chunk.acts for chunk in source.chunks(ctx, progress="fresh activations")]
+        return reconstruction_metrics(run.sae, acts)["fvu"], sum(len(a) for a in acts)
     return measure
 
 

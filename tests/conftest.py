@@ -156,3 +156,30 @@ def planted_run(tmp_path_factory, tiny_llama, text_folder):
     found = planted.build(tmp_path_factory.mktemp("planted"), tiny_llama, text_folder)
     analyze.main([str(found.run_id), "--db", found.url])  # the examples of the planted SAE replace training's
     return found
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_llama, text_folder):
+    """One completed tiny run (SQLite), trained once per session: (its work folder, its run id). Read it only;
+    a test that changes files or rows takes `published`, a private copy."""
+    from midisc.train import train
+
+    work = tmp_path_factory.mktemp("published")
+    result = train(compose_config(tiny_overrides(tiny_llama, text_folder, work / "runs.db")), work / "out")
+    return work, result.run_id
+
+
+@pytest.fixture
+def published(trained_run, tmp_path):
+    """A private copy of the run folder and its database, the database pointing at the copy:
+    (run folder, database URL, run id)."""
+    import shutil
+    import sqlite3
+
+    work, run_id = trained_run
+    shutil.copytree(work / "out", tmp_path / "out")
+    shutil.copy(work / "runs.db", tmp_path / "runs.db")
+    with sqlite3.connect(tmp_path / "runs.db") as db:
+        db.execute("UPDATE training_runs SET output_dir = ?", (str(tmp_path / "out"),))
+        db.execute("UPDATE sae_models SET path = ?", (str(tmp_path / "out" / "sae"),))
+    return tmp_path / "out", f"sqlite:///{tmp_path / 'runs.db'}", run_id

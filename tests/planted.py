@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from conftest import compose_config, tiny_overrides
 from midisc.publish.write import sha256
-from midisc.training.reopen import contexts, harvest_run, open_model, open_run, run_texts
+from midisc.training.reopen import open_run
 from midisc.store import Store
 from midisc.train import train
 from midisc.run_folder import WEIGHTS_FILENAME
@@ -39,8 +39,8 @@ def build(workdir: Path, model_dir: Path, texts: Path) -> Planted:
     url = f"sqlite:///{db}"
     with Store(url) as store:
         run = open_run(store, result.run_id)
-        model = open_model(run)
-        chunks = list(harvest_run(run, model, contexts(run, model, run_texts(run)[1])))
+        source = run.recipe.open()
+        chunks = list(source.chunks(source.tokens.pack(run.recipe.texts()[1])))
     tokens = torch.cat([c.tokens for c in chunks])
     keep = torch.cat([c.keep for c in chunks])
     acts = torch.cat([c.acts for c in chunks]).float() - run.sae.b_dec.detach()
@@ -65,5 +65,5 @@ def build(workdir: Path, model_dir: Path, texts: Path) -> Planted:
         store.add_sae_model(result.run_id, path=str(run.sae_dir), d_in=run.sae.d_in, d_sae=run.sae.d_sae,
                             architecture=run.sae.architecture, checksum=sha256(run.sae_dir / WEIGHTS_FILENAME))
     places = {(int(c), int(p)) for c, p in zip(*((tokens == token) & keep).nonzero(as_tuple=True))}
-    text = model.loaded.tokenizer.decode([token])
+    text = source.tokens.tokenizer.decode([token])
     return Planted(url=url, run_id=result.run_id, token=token, text=text, places=places, workdir=workdir)

@@ -5,6 +5,7 @@ from hydra.utils import instantiate
 
 from conftest import CONF, compose_config, run_cli
 from midisc.config import ConfigError, check_config
+from midisc.train import build_sae
 
 
 def options(group: str) -> list[str]:
@@ -91,25 +92,19 @@ def test_reference_experiment_is_the_setting_of_the_results_table(arch):
 @pytest.mark.parametrize("override, message", [
     ("layer=abc", "layer must be an integer >= 0, got 'abc'"),
     ("layer=-2", "layer=-2 is too small; it must be >= 0"),
-    ("sae.k=0", "sae.k=0 is too small; it must be >= 1"),
-    ("sae.k=2.5", "sae.k must be an integer >= 1, got 2.5"),
-    ("sae.expansion=0", "sae.expansion=0 is too small"),
     ("batch_size=0", "batch_size=0 is too small"),
     ("epochs=0", "epochs=0 is too small"),
     ("context_size=1", "context_size=1 is too small; it must be >= 2"),
     ("checkpoint_every=0", "checkpoint_every=0 is too small; it must be >= 1"),
     ("resume=abc", "resume must be an integer >= 1, got 'abc'"),
-    ("activations.cache_max_gb=0", "activations.cache_max_gb must be a number > 0.0, got 0"),
-    ("sae=jumprelu sae.bandwidth=0", "sae.bandwidth must be a number > 0.0, got 0"),
-    ("sae=jumprelu sae.l0_coef=-1", "sae.l0_coef must be a number >= 0.0, got -1"),
+    ("activations.cache_max_gb=0", "activations.cache_max_gb must be a finite number > 0, got 0"),
     ("activations.cache=s3", "activations.cache='s3' is not valid; choose one of: memory, disk, auto"),
-    ("activations.outlier_factor=0.5", "activations.outlier_factor must be a number > 1.0"),
+    ("activations.outlier_factor=0.5", "activations.outlier_factor must be a finite number > 1"),
     ("model.dtype=int8", "model.dtype='int8' is not valid"),
     ("b_dec_init=zeros", "b_dec_init='zeros' is not valid; choose one of: mean, geometric_median"),
-    ("optimizer.lr=-1", "optimizer.lr must be a number > 0.0, got -1"),
+    ("optimizer.lr=-1", "optimizer.lr must be a finite number > 0, got -1"),
     # Wrong types, as Hydra parses them from the command line (layer=abc is the string 'abc').
     ("layer=1.5", "layer must be an integer >= 0, got 1.5"),
-    ("sae.expansion=2.5", "sae.expansion must be an integer >= 1, got 2.5"),
     ("batch_size=true", "batch_size must be an integer >= 1, got True"),
     ("batch_size=null", "batch_size must be an integer >= 1, got None"),
     ("epochs=-1", "epochs=-1 is too small; it must be >= 1"),
@@ -117,7 +112,7 @@ def test_reference_experiment_is_the_setting_of_the_results_table(arch):
     ("seed=4294967296", "seed=4294967296 is too large; it must be in 0..4294967295"),
     ("max_samples=many", "max_samples must be an integer >= 1, got 'many'"),
     ("dead_window=1e6", "dead_window must be an integer >= 1, got 1000000.0"),
-    ("optimizer.lr=abc", "optimizer.lr must be a number > 0.0, got 'abc'"),
+    ("optimizer.lr=abc", "optimizer.lr must be a finite number > 0, got 'abc'"),
     ("optimizer.betas=[0.9,1.5]", "optimizer.betas must be two numbers in [0, 1), e.g. [0.9,0.999], got [0.9, 1.5]"),
     ("optimizer._target_=torch.optim.Adamm", "optimizer._target_='torch.optim.Adamm' is not an importable class"),
     ("sae._target_=midisc.sae.Nope", "sae._target_='midisc.sae.Nope' is not an importable class"),
@@ -129,7 +124,7 @@ def test_reference_experiment_is_the_setting_of_the_results_table(arch):
     ("activations.cache_dir=", "activations.cache_dir must be a non-empty string, got ''"),
     ("activations.dtype=float64", "activations.dtype='float64' is not valid; choose one of: float32, bfloat16"),
     ("activations.buffer_size=big", "activations.buffer_size must be an integer >= 1, got 'big'"),
-    ("activations.outlier_factor=abc", "activations.outlier_factor must be a number > 1.0, got 'abc'"),
+    ("activations.outlier_factor=abc", "activations.outlier_factor must be a finite number > 1, got 'abc'"),
     ("export.set_name=5", "export.set_name must be a non-empty string or null, got 5 (quote a number meant as text"),
     ("export.neuronpedia=maybe", "export.neuronpedia must be true or false, got 'maybe'"),
     ("export.output_tokens=0", "export.output_tokens=0 is too small; it must be >= 1"),
@@ -152,11 +147,9 @@ def test_reference_experiment_is_the_setting_of_the_results_table(arch):
     ("normalize_input=maybe", "normalize_input must be true or false, got 'maybe'"),
     ("resample_every=-1", "resample_every=-1 is too small; it must be >= 0"),
     ("schedule.lr_warmup_steps=1.5", "schedule.lr_warmup_steps must be an integer >= 0, got 1.5"),
-    ("schedule.lr_decay_frac=1.5", "schedule.lr_decay_frac must be a number in 0..1, got 1.5"),
-    ("schedule.lr_decay_frac=-0.1", "schedule.lr_decay_frac must be a number >= 0.0, got -0.1"),
+    ("schedule.lr_decay_frac=1.5", "schedule.lr_decay_frac must be a finite number in [0, 1], got 1.5"),
+    ("schedule.lr_decay_frac=-0.1", "schedule.lr_decay_frac must be a finite number in [0, 1], got -0.1"),
     ("schedule.sparsity_warmup_steps=x", "schedule.sparsity_warmup_steps must be an integer >= 0, got 'x'"),
-    ("sae.aux_k_coef=-1", "sae.aux_k_coef must be a number >= 0.0, got -1"),
-    ("sae.aux_k=0", "sae.aux_k=0 is too small; it must be >= 1"),
     ("trainer.max_epochs=abc", "trainer.max_epochs must be an integer >= 1, got 'abc'"),
     ("trainer.max_steps=-2", "trainer.max_steps=-2 is too small; it must be >= -1"),
     ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps=0 is too small; it must be >= 1"),
@@ -183,9 +176,40 @@ def test_cli_refuses_a_bad_type_in_one_line(tmp_path):
     assert proc.stderr.strip() == "error: layer must be an integer >= 0, got 'abc'"  # no traceback
 
 
-def test_negative_l1_coefficient_is_refused():
-    with pytest.raises(ConfigError, match=r"sae.l1_coef must be a number >= 0.0, got -0.001"):
-        check_config(compose_config(["sae=relu", "sae.l1_coef=-1e-3"]))
+@pytest.mark.parametrize("override, message", [
+    ("sae.k=0", "sae.k=0 is too small; it must be >= 1"),
+    ("sae.k=2.5", "sae.k must be an integer >= 1, got 2.5"),
+    ("sae.k=500", "sae.k=500 is larger than the SAE width 256 (expansion 8 x d_in 32); choose 1 <= k <= 256"),
+    ("sae.expansion=0", "sae.expansion=0 is too small; it must be >= 1"),
+    ("sae.expansion=2.5", "sae.expansion must be an integer >= 1, got 2.5"),
+    ("sae=jumprelu sae.bandwidth=0", "sae.bandwidth must be a finite number > 0, got 0"),
+    ("sae=jumprelu sae.l0_coef=-1", "sae.l0_coef must be a finite number >= 0, got -1"),
+    ("sae=batchtopk sae.threshold_lr=2", "sae.threshold_lr must be a finite number in (0, 1], got 2"),
+    ("sae=relu sae.l1_coef=-1e-3", "sae.l1_coef must be a finite number >= 0, got -0.001"),
+    ("sae=gated sae.l1_coef=nan", "sae.l1_coef must be a finite number >= 0, got nan"),
+    ("sae.aux_k_coef=-1", "sae.aux_k_coef must be a finite number >= 0, got -1"),
+    ("sae.aux_k=0", "sae.aux_k=0 is too small; it must be in 1..256"),
+])
+def test_sae_hyperparameters_are_refused_by_their_constructor_in_one_line(override, message):
+    # One rule, one place: the constructor checks; train.py runs it on the meta device before weights load.
+    cfg = compose_config(override.split())
+    check_config(cfg)  # the config's own checks leave the SAE's values to the constructor
+    with pytest.raises(ConfigError) as info:
+        build_sae(cfg, d_in=32, device="meta")
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("override, message", [
+    ("+sae.expanson=16", "sae.expanson is not a setting of TopKSAE; did you mean sae.expansion? its settings: "
+                         "expansion, k, aux_k_coef, aux_k, d_sae"),
+    ("sae=relu +sae.l1coef=1", "sae.l1coef is not a setting of ReluSAE; did you mean sae.l1_coef?"),
+    ("+sae.colour=red", "sae.colour is not a setting of TopKSAE; its settings:"),
+    ("+sae.d_in=64", "sae.d_in is set by midisc (from the model and the run's seed); remove it"),
+])
+def test_unknown_sae_keys_are_refused_before_the_model_loads(override, message):
+    with pytest.raises(ConfigError) as info:
+        check_config(compose_config(override.split()))
+    assert message in str(info.value) and "\n" not in str(info.value)
 
 
 def test_missing_required_paths_are_named():

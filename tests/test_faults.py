@@ -205,19 +205,19 @@ def test_training_goes_on_while_the_database_is_away(tmp_path, tiny_llama, text_
     real = make_url(postgres_url)
     proxy = Proxy(real.host, real.port or 5432).start()
     url = real.set(port=proxy.port).render_as_string(hide_password=False)
-    recorder = train_mod.RunRecorder
-    original_epoch_end, original_train_end = recorder.on_train_epoch_end, recorder.on_train_end
+    recorder = train_mod.MetricsRecorder
+    original_epoch_end, original_finish = recorder.on_train_epoch_end, train_mod.finish
 
     def epoch_end(self, trainer, module):
         (proxy.stop if trainer.current_epoch == 0 else proxy.start)()  # away at epoch 0's end, back at epoch 1's
         original_epoch_end(self, trainer, module)
 
-    def train_end(self, trainer, module):
+    def finish(*args, **kwargs):
         proxy.stop()  # and away again for the feature analysis and everything after it
-        original_train_end(self, trainer, module)
+        return original_finish(*args, **kwargs)
 
     monkeypatch.setattr(recorder, "on_train_epoch_end", epoch_end)
-    monkeypatch.setattr(recorder, "on_train_end", train_end)
+    monkeypatch.setattr(train_mod, "finish", finish)
     try:
         result = train(tiny_cfg(tiny_llama, text_folder, url, "epochs=3"), tmp_path / "out")
         pending = tmp_path / "out" / PENDING_FILENAME

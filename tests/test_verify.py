@@ -9,33 +9,12 @@ import tarfile
 
 import numpy as np
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import compose_config, run_cli, tiny_overrides
+from conftest import run_cli
 from midisc import verify
 from midisc.cli import run_tool
 from midisc.export import main as export_main
-from midisc.train import train
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_llama, text_folder):
-    work = tmp_path_factory.mktemp("published")
-    result = train(compose_config(tiny_overrides(tiny_llama, text_folder, work / "runs.db")), work / "out")
-    return work, result.run_id
-
-
-@pytest.fixture
-def published(trained, tmp_path):
-    """A private copy of the run folder and its database, the database pointing at the copy."""
-    work, run_id = trained
-    shutil.copytree(work / "out", tmp_path / "out")
-    shutil.copy(work / "runs.db", tmp_path / "runs.db")
-    with sqlite3.connect(tmp_path / "runs.db") as db:
-        db.execute("UPDATE training_runs SET output_dir = ?", (str(tmp_path / "out"),))
-        db.execute("UPDATE sae_models SET path = ?", (str(tmp_path / "out" / "sae"),))
-    return tmp_path / "out", f"sqlite:///{tmp_path / 'runs.db'}", run_id
 
 
 def checks(capsys, *args):
@@ -200,14 +179,14 @@ def test_a_database_deleted_while_analyze_runs_is_one_line(published, capsys, mo
     from midisc import analyze
 
     out, url, run_id = published
-    original = analyze.analyze
+    original = analyze.analyze_features
 
-    def analyze_then_lose_the_database(*args, **kwargs):
+    def analyse_then_lose_the_database(*args, **kwargs):
         result = original(*args, **kwargs)
         (out.parent / "runs.db").unlink()
         return result
 
-    monkeypatch.setattr(analyze, "analyze", analyze_then_lose_the_database)
+    monkeypatch.setattr(analyze, "analyze_features", analyse_then_lose_the_database)
     with pytest.raises(SystemExit) as stopped:
         run_tool(analyze.main, [str(run_id), "--db", url])
     err = capsys.readouterr().err

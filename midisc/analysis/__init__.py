@@ -3,5 +3,5 @@
 `metrics` (FVU, L0, dead fraction), `features` (the streaming feature analysis and its examples),
 `profiles` (activation histograms, output tokens, similar features), `concepts` (concept texts, AUROC
 selectivity), `splice` and `saebench` (the SAE spliced into the model, SAEBench's core metrics),
-`report` (a run in plain words), `sweeps` (name and compare a sweep's jobs), `plots` (figures).
+`overview` (a run in plain words), `sweeps` (name and compare a sweep's jobs), `plots` (figures).
 """

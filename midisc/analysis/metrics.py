@@ -55,7 +55,7 @@ class ReconstructionTotals:
 
     def compute(self) -> dict[str, float]:
         if self.n == 0:
-            raise ValueError("no activation vectors were evaluated")
+            raise ValueError("no activation vectors were measured")
         mean = self.total / self.n
         variance = self.total2 - self.n * mean.pow(2).sum().item()  # Σ‖x − x̄‖²
         return {"mse": self.err2 / (self.n * self.d), "fvu": self.err2 / max(variance, 1e-12),
@@ -63,7 +63,7 @@ class ReconstructionTotals:
 
 
 @torch.no_grad()
-def evaluate(sae: SparseAutoencoder, batches: Iterable[torch.Tensor]) -> dict[str, float]:
+def reconstruction_metrics(sae: SparseAutoencoder, batches: Iterable[torch.Tensor]) -> dict[str, float]:
     """MSE, FVU and L0 of `sae` over all batches (e.g. the held-out activations)."""
     totals = ReconstructionTotals()
     device = sae.W_dec.device

@@ -12,7 +12,6 @@ nothing of Lightning, SQL or language models: it takes tensors and plain values.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -21,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from midisc.sae.settings import integer, number
 from midisc.sae.sparse_ops import DeadFeatures
 
 CFG_FILENAME = "cfg.json"
@@ -42,11 +42,6 @@ class Output:
     aux: Tensor | None = None  # scalar auxiliary loss, already in `loss`: AuxK (TopK, BatchTopK), the gate's (Gated)
 
 
-def _is_int(value: Any) -> bool:
-    # bool is an int subclass; `expansion=True` is a config mistake, not a width.
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 class SparseAutoencoder(nn.Module):
     """Shared parameters, decoder, init and persistence; subclasses choose the nonlinearity and loss."""
 
@@ -56,15 +51,9 @@ class SparseAutoencoder(nn.Module):
         self, d_in: int, expansion: int = 8, *, d_sae: int | None = None, seed: int | None = None
     ) -> None:
         super().__init__()
-        if not _is_int(d_in) or d_in < 1:
-            raise ValueError(f"d_in must be a positive integer, got {d_in!r}")
-        if not _is_int(expansion) or expansion < 1:
-            raise ValueError(f"expansion must be an integer >= 1, got {expansion!r}")
-        if d_sae is not None and (not _is_int(d_sae) or d_sae < 1):
-            raise ValueError(f"d_sae must be a positive integer or None, got {d_sae!r}")
-        self.d_in = d_in
-        self.expansion = expansion
-        self.d_sae = d_sae or expansion * d_in
+        self.d_in = integer("d_in", d_in, 1)
+        self.expansion = integer("expansion", expansion, 1)
+        self.d_sae = expansion * d_in if d_sae is None else integer("d_sae", d_sae, 1)
 
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         # Unit-norm random decoder rows with the encoder as their transpose: the tied start that
@@ -156,8 +145,7 @@ class SparseAutoencoder(nn.Module):
         by `scale` gives codes = codes' / scale (ReLU and top-k selection commute with a positive
         scale) and x_hat = x_hat' / scale, while W_enc and the unit-norm decoder rows stay as they are.
         """
-        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale <= 0:
-            raise ValueError(f"input scale must be a finite number > 0, got {scale!r}")
+        scale = number("input scale", scale, 0, strict=True)
         self.b_enc.div_(scale)
         self.b_dec.div_(scale)
 
@@ -202,13 +190,8 @@ class SparseAutoencoder(nn.Module):
 
 def check_auxk(coef: Any, aux_k: Any, d_in: int, d_sae: int) -> tuple[float, int]:
     """Validated (aux_k_coef, aux_k); aux_k defaults to d_in // 2, as Gao et al. (2024) and sparsify use."""
-    if not isinstance(coef, (int, float)) or isinstance(coef, bool) or not math.isfinite(coef) or coef < 0:
-        raise ValueError(f"aux_k_coef must be a finite number >= 0 (0 turns AuxK off), got {coef!r}")
-    if aux_k is None:
-        aux_k = max(1, d_in // 2)
-    if not _is_int(aux_k) or not 1 <= aux_k <= d_sae:
-        raise ValueError(f"aux_k={aux_k!r} must be an integer 1 <= aux_k <= {d_sae} (the SAE width), or null")
-    return float(coef), aux_k
+    coef = number("aux_k_coef", coef, 0.0)  # 0 turns AuxK off
+    return coef, integer("aux_k", max(1, d_in // 2) if aux_k is None else aux_k, 1, d_sae)
 
 
 # The architectures cfg.json may name. JumpReLU (and BatchTopK, which SAELens saves as JumpReLU) lives in

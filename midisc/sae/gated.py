@@ -12,13 +12,13 @@ W_enc, b_gate, r_mag, b_mag, W_dec, b_dec in sae_weights.safetensors (no b_enc).
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from midisc.sae.base import Output, SparseAutoencoder
+from midisc.sae.settings import number
 from midisc.sae.sparse_ops import DeadFeatures
 
 # The tensors of SAELens's gated layout, in the order they are saved.
@@ -39,11 +39,8 @@ class GatedSAE(SparseAutoencoder):
         d_sae: int | None = None,
         seed: int | None = None,
     ) -> None:
-        if not isinstance(l1_coef, (int, float)) or isinstance(l1_coef, bool) or not math.isfinite(l1_coef) \
-                or l1_coef < 0:
-            raise ValueError(f"l1_coef must be a finite number >= 0, got {l1_coef!r}")
         super().__init__(d_in, expansion, d_sae=d_sae, seed=seed)
-        self.l1_coef = float(l1_coef)
+        self.l1_coef = number("l1_coef", l1_coef, 0.0)
         # The gate and magnitude biases replace b_enc; deleting the parameter (not setting it to None, as
         # SAELens does) keeps it out of parameters(), the optimizer and the state_dict altogether.
         del self.b_enc
@@ -114,8 +111,7 @@ class GatedSAE(SparseAutoencoder):
         magnitudes shrink by `scale`, and so does x_hat = codes @ W_dec + b_dec. W_enc, r_mag and the
         decoder rows stay as they are.
         """
-        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale <= 0:
-            raise ValueError(f"input scale must be a finite number > 0, got {scale!r}")
+        scale = number("input scale", scale, 0, strict=True)
         for bias in (self.b_dec, self.b_gate, self.b_mag):
             bias.div_(scale)
 

@@ -17,14 +17,9 @@ import torch
 from torch import Tensor, nn
 
 import midisc.sae.sparse_ops as sparse_ops
-from midisc.sae.base import Output, SparseAutoencoder, _is_int, check_auxk
+from midisc.sae.base import Output, SparseAutoencoder, check_auxk
+from midisc.sae.settings import number, width_bounded
 from midisc.sae.sparse_ops import BatchTopKEncoder, DeadFeatures
-
-
-def _positive_number(name: str, value: Any) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
 
 
 def _rectangle(u: Tensor) -> Tensor:
@@ -109,15 +104,12 @@ class JumpReLUSAE(SparseAutoencoder):
         d_sae: int | None = None,
         seed: int | None = None,
     ) -> None:
-        if not isinstance(l0_coef, (int, float)) or isinstance(l0_coef, bool) or not math.isfinite(l0_coef) \
-                or l0_coef < 0:
-            raise ValueError(f"l0_coef must be a finite number >= 0, got {l0_coef!r}")
-        bandwidth = _positive_number("bandwidth", bandwidth)
-        init_threshold = _positive_number("init_threshold", init_threshold)
         super().__init__(d_in, expansion, d_sae=d_sae, seed=seed)
-        self.l0_coef, self.bandwidth, self.init_threshold = float(l0_coef), bandwidth, init_threshold
+        self.l0_coef = number("l0_coef", l0_coef, 0.0)
+        self.bandwidth = number("bandwidth", bandwidth, 0.0, strict=True)
+        self.init_threshold = number("init_threshold", init_threshold, 0.0, strict=True)
         # The log keeps the threshold positive and makes Adam's steps relative to its size (as SAELens).
-        self.log_threshold = nn.Parameter(torch.full((self.d_sae,), math.log(init_threshold)))
+        self.log_threshold = nn.Parameter(torch.full((self.d_sae,), math.log(self.init_threshold)))
 
     @property
     def threshold(self) -> Tensor:
@@ -181,13 +173,8 @@ class BatchTopKSAE(SparseAutoencoder):
     ) -> None:
         super().__init__(d_in, expansion, d_sae=d_sae, seed=seed)
         self.aux_k_coef, self.aux_k = check_auxk(aux_k_coef, aux_k, d_in, self.d_sae)
-        if not _is_int(k) or not 1 <= k <= self.d_sae:
-            raise ValueError(f"k={k!r} is not valid for an SAE of width {self.d_sae}; choose an integer "
-                             f"1 <= k <= {self.d_sae}")
-        if not isinstance(threshold_lr, (int, float)) or isinstance(threshold_lr, bool) \
-                or not 0 < threshold_lr <= 1:
-            raise ValueError(f"threshold_lr must be a number in (0, 1], got {threshold_lr!r}")
-        self.k, self.threshold_lr = k, float(threshold_lr)
+        self.k = width_bounded("k", k, self.d_sae, d_in, expansion)
+        self.threshold_lr = number("threshold_lr", threshold_lr, 0.0, strict=True, high=1.0)
         # float64 as in SAELens: an EMA over many steps in float32 stalls once lr * change < 1 ulp.
         self.register_buffer("running_threshold", torch.tensor(0.0, dtype=torch.float64))
         self.register_buffer("threshold_seen", torch.tensor(False))

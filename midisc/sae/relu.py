@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from midisc.sae.base import SparseAutoencoder
+from midisc.sae.settings import number
 
 
 class ReluSAE(SparseAutoencoder):
@@ -25,12 +25,8 @@ class ReluSAE(SparseAutoencoder):
         d_sae: int | None = None,
         seed: int | None = None,
     ) -> None:
-        if not isinstance(l1_coef, (int, float)) or isinstance(l1_coef, bool) or not math.isfinite(l1_coef):
-            raise ValueError(f"l1_coef must be a finite number >= 0, got {l1_coef!r}")
-        if l1_coef < 0:
-            raise ValueError(f"l1_coef must be >= 0, got {float(l1_coef)}")
         super().__init__(d_in, expansion, d_sae=d_sae, seed=seed)
-        self.l1_coef = float(l1_coef)
+        self.l1_coef = number("l1_coef", l1_coef, 0.0)
 
     def encode(self, x: Tensor) -> Tensor:
         if torch.is_grad_enabled() and self.W_enc.requires_grad:

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 
 import midisc.sae.sparse_ops as sparse_ops
-from midisc.sae.base import Output, SparseAutoencoder, _is_int, check_auxk
+from midisc.sae.base import Output, SparseAutoencoder, check_auxk
+from midisc.sae.settings import width_bounded
 from midisc.sae.sparse_ops import DeadFeatures, TopKEncoder
 
 
@@ -30,17 +31,7 @@ class TopKSAE(SparseAutoencoder):
     ) -> None:
         super().__init__(d_in, expansion, d_sae=d_sae, seed=seed)
         self.aux_k_coef, self.aux_k = check_auxk(aux_k_coef, aux_k, d_in, self.d_sae)
-        if not _is_int(k):
-            raise ValueError(f"k must be an integer, got {k!r}; choose 1 <= k <= {self.d_sae}")
-        if k < 1:
-            raise ValueError(f"k={k} must be at least 1; choose 1 <= k <= {self.d_sae}")
-        if k > self.d_sae:
-            width = (f"expansion {expansion} x d_in {d_in}" if self.d_sae == expansion * d_in
-                     else "d_sae given directly")
-            raise ValueError(
-                f"k={k} is larger than the SAE width {self.d_sae} ({width}); choose 1 <= k <= {self.d_sae}"
-            )
-        self.k = k
+        self.k = width_bounded("k", k, self.d_sae, d_in, expansion)
 
     def encode(self, x: Tensor) -> Tensor:
         # SAELens TopK: select on raw pre-activations, then ReLU only the selected values, so a row

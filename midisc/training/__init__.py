@@ -1,7 +1,8 @@
 """Training an SAE with Lightning, and reopening a recorded run; imports sae, data, analysis, store, publish.
 
 `module` is the LightningModule around an SAE (`SAEModule`: schedules, input scale, dead features), with
-`resampling` for ReLU SAEs; `checkpoints` saves and resumes a run; `callbacks` record metrics, the
-feature analysis, the evaluation and the published files as a run ends; `reopen` makes a recorded run's
-model, hook and activations again, as it was trained, for the tools that come after training.
+`resampling` for ReLU SAEs; `checkpoints` saves and resumes a run; `callbacks` hold only what must run
+during `fit` (metrics as they come, the progress bar); `finish` is the end of a run as plain functions
+(analyze → evaluate → publish), called by train.py and by the analyze, evaluate and export commands;
+`reopen` opens a recorded run (its SAE and the recipe of its activations) for the tools after training.
 """

@@ -7,7 +7,7 @@ it at zero instead of the data mean costs ~0.14 FVU and many dead features on Sm
 What changes over a run lives here too: the learning rate's warm-up and linear decay, the warm-up of an
 L1/L0 coefficient, resampling of dead features, and the optional input scaling (x · s with s chosen on the
 first batch so that E‖x s‖² = d_in, as SAELens's `expected_average_only_in`), which makes a learning rate
-or an L1 coefficient mean the same on any model and layer. `FoldInputScale` folds s into the weights
+or an L1 coefficient mean the same on any model and layer. `fold_input_scale` (called once `fit` returns) folds s into the weights
 before anything outside training sees the SAE, so every saved or analysed SAE takes raw activations.
 """
 
@@ -62,7 +62,7 @@ class SAEModule(L.LightningModule):
         self.resample_every = resample_every
         # Buffers, so they follow the module to its device and into checkpoints.
         self.register_buffer("b_dec_ready", torch.tensor(False))
-        self.register_buffer("input_scale", torch.tensor(1.0))  # s: the SAE sees x * s until FoldInputScale
+        self.register_buffer("input_scale", torch.tensor(1.0))  # s: the SAE sees x * s until fold_input_scale
         self.register_buffer("tokens_since_fired", torch.zeros(sae.W_dec.shape[0], dtype=torch.long))
         self._val = metrics.ReconstructionTotals()
         # What the host reads of the device, it reads once per process or on logging steps only: every read
@@ -191,14 +191,6 @@ class SAEModule(L.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, total, self.lr_warmup_steps, self.lr_decay_frac))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-
-class FoldInputScale(L.Callback):
-    """Folds the module's input scale into the SAE when training ends. Put it before the other callbacks: Lightning
-    calls callbacks before the module's own on_train_end, and every later one must see raw-unit weights."""
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: SAEModule) -> None:
-        pl_module.fold_input_scale()
 
 
 class StopOnNonFiniteLoss(L.Callback):

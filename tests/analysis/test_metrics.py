@@ -40,10 +40,10 @@ def test_running_totals_equal_the_whole_set_at_once():
     assert abs(got["l0"] - metrics.l0(codes).item()) < 1e-6
 
 
-def test_evaluate_matches_a_direct_forward():
+def test_reconstruction_metrics_match_a_direct_forward():
     sae = TopKSAE(6, expansion=2, k=3, seed=0)
     x = torch.randn(300, 6)
-    got = metrics.evaluate(sae, x.split(64))
+    got = metrics.reconstruction_metrics(sae, x.split(64))
     out = sae(x)
     assert abs(got["fvu"] - metrics.fvu(x, out.x_hat).item()) < 1e-5
     assert got["l0"] <= 3

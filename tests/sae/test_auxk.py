@@ -67,8 +67,8 @@ def test_aux_k_coef_zero_turns_auxk_off():
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(aux_k_coef=-1.0), "aux_k_coef must be a finite number >= 0"),
-    (dict(aux_k=0), "aux_k=0 must be an integer 1 <= aux_k <= 32"),
-    (dict(aux_k=33), "aux_k=33 must be an integer"),
+    (dict(aux_k=0), "aux_k=0 is too small; it must be in 1..32"),
+    (dict(aux_k=33), "aux_k=33 is too large; it must be in 1..32"),
 ])
 def test_bad_auxk_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -145,7 +145,7 @@ def test_folding_an_input_scale_changes_nothing_but_units(scale):
     (lambda: GatedSAE(D_IN, l1_coef="a"), "l1_coef must be a finite number >= 0, got 'a'"),
     (lambda: GatedSAE(D_IN, l1_coef=float("nan")), "l1_coef must be a finite number >= 0, got nan"),
     (lambda: GatedSAE(D_IN, l1_coef=True), "l1_coef must be a finite number >= 0, got True"),
-    (lambda: GatedSAE(0), "d_in must be a positive integer, got 0"),
+    (lambda: GatedSAE(0), "d_in=0 is too small; it must be >= 1"),
     (lambda: GatedSAE(D_IN, 1.5), "expansion must be an integer >= 1, got 1.5"),
 ])
 def test_bad_settings_are_refused_in_one_line(make, message):

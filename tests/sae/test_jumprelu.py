@@ -223,10 +223,10 @@ def test_folding_an_input_scale_changes_nothing_but_units(make):
     (lambda: JumpReLUSAE(D_IN, l0_coef="a"), "l0_coef must be a finite number >= 0, got 'a'"),
     (lambda: JumpReLUSAE(D_IN, bandwidth=0), "bandwidth must be a finite number > 0, got 0"),
     (lambda: JumpReLUSAE(D_IN, init_threshold=-0.1), "init_threshold must be a finite number > 0, got -0.1"),
-    (lambda: BatchTopKSAE(D_IN, 2, k=13), "k=13 is not valid for an SAE of width 12; choose an integer 1 <= k <= 12"),
-    (lambda: BatchTopKSAE(D_IN, 2, k=0), "k=0 is not valid"),
-    (lambda: BatchTopKSAE(D_IN, 2, k=2.5), "k=2.5 is not valid"),
-    (lambda: BatchTopKSAE(D_IN, threshold_lr=0), "threshold_lr must be a number in (0, 1], got 0"),
+    (lambda: BatchTopKSAE(D_IN, 2, k=13), "k=13 is larger than the SAE width 12 (expansion 2 x d_in 6); choose 1 <= k <= 12"),
+    (lambda: BatchTopKSAE(D_IN, 2, k=0), "k=0 is too small; it must be >= 1"),
+    (lambda: BatchTopKSAE(D_IN, 2, k=2.5), "k must be an integer >= 1, got 2.5"),
+    (lambda: BatchTopKSAE(D_IN, threshold_lr=0), "threshold_lr must be a finite number in (0, 1], got 0"),
 ])
 def test_bad_settings_are_refused_in_one_line(make, message):
     with pytest.raises(ValueError) as info:

@@ -260,7 +260,7 @@ def test_k_larger_than_width():
 
 
 def test_negative_l1_coef():
-    with pytest.raises(ValueError, match=r"^l1_coef must be >= 0, got -1.0$"):
+    with pytest.raises(ValueError, match=r"^l1_coef must be a finite number >= 0, got -1.0$"):
         ReluSAE(D_IN, l1_coef=-1.0)
     with pytest.raises(ValueError, match="nan"):
         ReluSAE(D_IN, l1_coef=float("nan"))

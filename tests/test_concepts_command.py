@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import make_texts, run_cli
-from midisc import interpret
+from midisc import concepts
 from midisc.store import Store
 from transformers import AutoTokenizer
 
@@ -35,7 +35,7 @@ def run(planted_run, tiny_llama):
 def test_the_planted_feature_is_the_most_selective_for_its_token(run, capsys):
     args = [str(run.run_id), "--custom-texts", str(run.workdir / "marker.txt"), "--modules", str(run.modules),
             "--corpus-sample", "0", "--top-features", "5", "--db", run.url]
-    assert interpret.main([*args, "--json"]) == 0
+    assert concepts.main([*args, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)["concepts"]["marker"]
     best = result["features"][0]
     assert best["feature_index"] == 0 and best["score"] == 1.0
@@ -44,14 +44,14 @@ def test_the_planted_feature_is_the_most_selective_for_its_token(run, capsys):
     with Store(run.url) as store:
         stored = store.concept_scores(run.run_id, "marker")
     assert [r["feature_index"] for r in stored] == [r["feature_index"] for r in result["features"]]
-    assert interpret.main(args) == 0
+    assert concepts.main(args) == 0
     table = capsys.readouterr().out
     assert "marker: " in table and "AUROC" in table and f"[[{run.text}]]" in table
 
 
 def test_all_scores_every_module_and_prints_the_best_of_each(run, capsys):
     args = [str(run.run_id), "--all", "--modules", str(run.modules), "--corpus-sample", "3", "--db", run.url]
-    assert interpret.main(args) == 0
+    assert concepts.main(args) == 0
     out = capsys.readouterr().out
     assert "best feature per concept" in out and "plain" in out and "other" in out and "concept" in out
     with Store(run.url) as store:
@@ -60,7 +60,7 @@ def test_all_scores_every_module_and_prints_the_best_of_each(run, capsys):
 
 def test_shipped_modules_by_name(run, capsys):
     args = [str(run.run_id), "--concepts", "numbers,questions", "--top-features", "2", "--json", "--db", run.url]
-    assert interpret.main(args) == 0
+    assert concepts.main(args) == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result["concepts"]) == {"numbers", "questions"} and result["corpus_sample"] > 0
     for scores in result["concepts"].values():
@@ -73,6 +73,12 @@ def test_shipped_modules_by_name(run, capsys):
     (["--concepts", "numbers", "--top-features", "0"], "--top-features=0 must be >= 1"),
 ])
 def test_mistakes_get_one_line(run, args, message):
-    proc = run_cli(["midisc.interpret", str(run.run_id), *args, "--db", run.url], cwd=run.workdir)
+    proc = run_cli(["midisc.concepts", str(run.run_id), *args, "--db", run.url], cwd=run.workdir)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith(f"error: {message}")
+
+
+def test_the_old_name_interpret_still_works_with_a_notice(tmp_path):
+    proc = run_cli(["midisc.interpret", "--help"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0 and "usage: python -m midisc.concepts" in proc.stdout
+    assert proc.stderr.strip() == "note: midisc.interpret is now midisc.concepts; running: python -m midisc.concepts --help"
