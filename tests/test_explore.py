@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from conftest import compose_config, run_cli, tiny_overrides
+from conftest import compose_config, tiny_overrides
 from midisc import analyze, explore
+from midisc.cli import run_tool
 from midisc.store import Store
 from midisc.train import train
 
@@ -79,10 +80,10 @@ def test_details_shows_examples_and_output_tokens(run, capsys):
     (["details", "1", "500"], "run 1 has no feature 500; its features are 0-127"),
     (["top", "1", "--n", "0"], "--n=0 must be at least 1"),
 ])
-def test_mistakes_get_one_line(run, args, message):
-    proc = run_cli(["midisc.explore", *args, "--db", run.url], cwd=run.workdir)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == f"error: {message}"
+def test_mistakes_get_one_line(run, args, message, capsys):
+    with pytest.raises(SystemExit) as stopped:  # in-process, through run_tool as `python -m` runs it
+        run_tool(explore.main, [*args, "--db", run.url])
+    assert stopped.value.code == 2 and capsys.readouterr().err.strip() == f"error: {message}"
 
 
 def test_the_analysis_cli_takes_more_tokens_from_training_texts(run, capsys):

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
-from conftest import run_cli
-from midisc import verify
+from midisc import analyze, explore, verify
 from midisc.cli import run_tool
 from midisc.export import main as export_main
 
@@ -168,16 +167,16 @@ def test_a_damaged_weights_file_is_one_line_in_every_tool(published, capsys, dam
     assert any("sae_weights.safetensors" in reason for reason in failed.values()), failed
     said = f"run {run_id}'s SAE does not load: {path} cannot be read ("
     # explore details shows what the database holds, and why the output tokens, which need the SAE, are missing
-    details = run_cli(["midisc.explore", "details", str(run_id), "0", "--db", url], cwd=out.parent)
-    assert details.returncode == 0 and f"not shown: {said}" in details.stdout, details.stderr[-2000:]
-    analyzed = run_cli(["midisc.analyze", str(run_id), "--db", url], cwd=out.parent)
-    assert analyzed.returncode == 2 and analyzed.stderr.startswith(f"error: {said}"), analyzed.stderr[-2000:]
-    assert analyzed.stderr.strip().count("\n") == 0
+    with pytest.raises(SystemExit) as details:
+        run_tool(explore.main, ["details", str(run_id), "0", "--db", url])
+    assert details.value.code == 0 and f"not shown: {said}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as analyzed:
+        run_tool(analyze.main, [str(run_id), "--db", url])
+    err = capsys.readouterr().err.strip()
+    assert analyzed.value.code == 2 and err.startswith(f"error: {said}") and "\n" not in err, err[-2000:]
 
 
 def test_a_database_deleted_while_analyze_runs_is_one_line(published, capsys, monkeypatch):
-    from midisc import analyze
-
     out, url, run_id = published
     original = analyze.analyze_features
 
