@@ -3,6 +3,7 @@
     python -m midisc.concepts 3 --concepts emotions,formal     # modules from concept_modules/
     python -m midisc.concepts 3 --all                          # every module, best feature of each
     python -m midisc.concepts 3 --custom-texts mine.txt --top-features 10
+    python -m midisc.concepts 3 --custom-texts mine.txt --name sarcasm    # stored under that name
 
 Runs the run's model and SAE on the concept texts and on contrast texts (the other modules and a sample
 of held-out corpus sentences), ranks features by AUROC of their per-text max activation (see
@@ -32,7 +33,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     which.add_argument("--concepts", help="comma-separated module names, e.g. emotions,formal")
     which.add_argument("--all", action="store_true", help="test every module and show the best feature of each")
     which.add_argument("--custom-texts", type=Path, metavar="FILE",
-                       help="your own concept: one text per line, # for comments; named after the file")
+                       help="your own concept: one text per line, # for comments; named after the file unless --name")
+    parser.add_argument("--name", default=None, help="the concept's name for --custom-texts (default: the file's stem)")
     parser.add_argument("--top-features", type=int, default=10, help="features to rank and store per concept")
     parser.add_argument("--corpus-sample", type=int, default=200, help="held-out corpus sentences among the contrast")
     parser.add_argument("--modules", type=Path, default=None, help=f"folder of concept modules (default {concept_dir()})")
@@ -48,8 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     console = make_console()
     folder = args.modules or concept_dir()
     modules = load_modules(folder)
+    if args.name is not None and not args.custom_texts:
+        raise UsageError("--name names a --custom-texts concept; give --custom-texts FILE too")
+    if args.name is not None and not args.name.strip():
+        raise UsageError(f"--name={args.name!r} must be a non-empty concept name")
     if args.custom_texts:
-        targets = [args.custom_texts.stem]
+        targets = [args.name.strip() if args.name else args.custom_texts.stem]
         if targets[0] in modules:  # the file replaces the module of that name rather than competing with it
             del modules[targets[0]]
         modules[targets[0]] = read_texts(args.custom_texts)

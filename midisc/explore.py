@@ -226,12 +226,12 @@ def cmd_details(args: argparse.Namespace, console: Console) -> int:
     by_freq = sorted(features, key=lambda f: -(f["frequency"] or 0.0))
     report = {"feature": args.feature, "frequency": feature["frequency"], "mean_activation": feature["mean_activation"],
               "max_activation": feature["max_activation"], "is_dead": feature["is_dead"],
-              "frequency_rank": by_freq.index(feature), "examples": examples, "output_tokens": effects}
+              "frequency_rank": by_freq.index(feature) + 1, "examples": examples, "output_tokens": effects}
     if args.json:
         print_json(report)
         return 0
     console.print(f"run {args.run}, feature {args.feature}: fires on {percent(feature['frequency'])} of tokens "
-                  f"(rank {report['frequency_rank'] + 1:,} of {len(features):,}), mean {number(feature['mean_activation'])}, "
+                  f"(rank {report['frequency_rank']:,} of {len(features):,}), mean {number(feature['mean_activation'])}, "
                   f"max {number(feature['max_activation'])}" + (", dead in training" if feature["is_dead"] else ""),
                   markup=False)
     if not examples:

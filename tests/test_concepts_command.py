@@ -6,6 +6,7 @@ import pytest
 
 from conftest import make_texts, run_cli
 from midisc import concepts
+from midisc.cli import run_tool
 from midisc.store import Store
 from transformers import AutoTokenizer
 
@@ -71,11 +72,23 @@ def test_shipped_modules_by_name(run, capsys):
     (["--concepts", "emotion"], "unknown concept 'emotion'; modules in"),
     (["--custom-texts", "/no/such.txt"], "cannot read concept texts from /no/such.txt"),
     (["--concepts", "numbers", "--top-features", "0"], "--top-features=0 must be >= 1"),
+    (["--concepts", "numbers", "--name", "x"], "--name names a --custom-texts concept; give --custom-texts FILE too"),
+    (["--custom-texts", "/no/such.txt", "--name", " "], "--name=' ' must be a non-empty concept name"),
 ])
-def test_mistakes_get_one_line(run, args, message):
-    proc = run_cli(["midisc.concepts", str(run.run_id), *args, "--db", run.url], cwd=run.workdir)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().startswith(f"error: {message}")
+def test_mistakes_get_one_line(run, args, message, capsys):
+    with pytest.raises(SystemExit) as stopped:  # in-process, through run_tool as `python -m` runs it
+        run_tool(concepts.main, [str(run.run_id), *args, "--db", run.url])
+    err = capsys.readouterr().err.strip()
+    assert stopped.value.code == 2 and err.startswith(f"error: {message}") and "\n" not in err
+
+
+def test_a_custom_concept_can_be_named(run, capsys):
+    args = [str(run.run_id), "--custom-texts", str(run.workdir / "marker.txt"), "--name", "planted token",
+            "--modules", str(run.modules), "--corpus-sample", "0", "--top-features", "3", "--json", "--db", run.url]
+    assert concepts.main(args) == 0
+    assert set(json.loads(capsys.readouterr().out)["concepts"]) == {"planted token"}
+    with Store(run.url) as store:
+        assert len(store.concept_scores(run.run_id, "planted token")) == 3
 
 
 def test_the_old_name_interpret_still_works_with_a_notice(tmp_path):

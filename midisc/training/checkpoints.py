@@ -172,13 +172,22 @@ class RunLock:
 
     def acquire(self) -> bool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a+")
-        try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        while True:
+            self._file = open(self.path, "a+")
+            try:
+                fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._file.close()
+                self._file = None
+                return False
+            # The holder removes the file as it lets go: a lock taken on the removed file holds nothing.
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(self._file.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             self._file.close()
-            self._file = None
-            return False
         self._file.seek(0)
         self._file.truncate()
         self._file.write(str(os.getpid()))
@@ -192,7 +201,9 @@ class RunLock:
             return "?"
 
     def release(self) -> None:
+        """Let go and remove the file: a finished run's folder keeps no lock (a killed one's is taken over)."""
         if self._file is not None:
+            self.path.unlink(missing_ok=True)  # while still holding it, so no one locks the file being removed
             fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
             self._file = None
