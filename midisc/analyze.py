@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         # Dead means "no firing in training's last window" when training said so; else never fired here.
         dead = [f["is_dead"] for f in known] if len(known) == run.sae.d_sae else None
         try:
-            analysed = analyze_features(run.sae, source.chunks(ctx, progress="feature analysis"), source.tokens.decode(),
-                               options, dead)
+            analysed = analyze_features(run.sae, source.chunks(ctx, progress="feature analysis"),
+                                        source.tokens.decode(), options, dead)
         except ValueError as err:  # bad example options: name them
             raise UsageError(str(err)) from None
         written = record_analysis(store, run.id, analysed)

@@ -114,16 +114,17 @@ def _encoding(cfg: DictConfig, key: str) -> None:
         raise ConfigError(f"{key}={value!r} is not a text encoding Python knows; e.g. utf-8, latin-1, cp1252")
 
 
-def _class(cfg: DictConfig, key: str, example: str) -> None:
+def _class(cfg: DictConfig, key: str, example: str) -> type:
     """An importable class, checked now: Hydra would fail on it only after the model has loaded."""
     path = _text(cfg, key)
     module, _, name = path.rpartition(".")
     try:
-        found = isinstance(getattr(importlib.import_module(module), name, None), type) if module else False
+        found = getattr(importlib.import_module(module), name, None) if module else None
     except (ImportError, TypeError, ValueError):  # no such module; a relative or empty name such as ".x"
-        found = False
-    if not found:
+        found = None
+    if not isinstance(found, type):
         raise ConfigError(f"{key}={path!r} is not an importable class; give package.module.Class, e.g. {example}")
+    return found
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -176,9 +177,7 @@ SAE_ARGUMENTS_FROM_THE_RUN = ("d_in", "seed")
 
 def _check_sae_keys(cfg: DictConfig) -> None:
     """Every `sae:` key is a setting of the class it names; Hydra would fail on one only after the model loads."""
-    _class(cfg, "sae._target_", "midisc.sae.topk.TopKSAE")
-    module, _, name = cfg.sae._target_.rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
+    cls = _class(cfg, "sae._target_", "midisc.sae.topk.TopKSAE")
     settings = [p for p in inspect.signature(cls).parameters if p not in SAE_ARGUMENTS_FROM_THE_RUN]
     for key in cfg.sae:
         if key == "_target_" or key in settings:

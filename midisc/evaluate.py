@@ -24,8 +24,7 @@ def evaluate_run(store: Store, run_id: int, n_contexts: int = 64, progress: bool
     """Evaluate the run's SAE on its held-out texts as training does, record the result, and return it."""
     run = open_run(store, run_id)
     source = run.recipe.open()
-    contexts = source.tokens.pack(run.recipe.texts()[1])
-    heldout = list(source.chunks(contexts, progress="held-out activations" if progress else None))
+    heldout = list(source.chunks(source.heldout_contexts(), progress="held-out activations" if progress else None))
     config = evaluation_config(run.row["hook"], run.row["model"], run.row["layer"], run.config["context_size"], run_id)
     report = evaluate(run.sae, source, heldout, n_contexts, config, progress)
     record_evaluation(store, run_id, Path(run.row["output_dir"]), report)

@@ -73,8 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                           set_name=set_name, **run_info(run.config, run.row["hook"], n_layers))
     acts = []
     if source is not None:
-        contexts = source.tokens.pack(run.recipe.texts()[1])
-        acts = [chunk.acts for chunk in source.chunks(contexts, progress="activation histograms")]
+        acts = [chunk.acts for chunk in source.chunks(source.heldout_contexts(), progress="activation histograms")]
     out = Path(args.out or run.row["output_dir"])
     # Into the run's own folder the recorded weights stay untouched (their checksum is on record).
     same = (out / "sae").resolve() == run.sae_dir.resolve()

@@ -296,7 +296,7 @@ def _train(cfg: DictConfig, output_dir: Path, store: Store | None, run_id: int |
     if store:
         store.update_run(run_id, n_tokens=stream.n_rows)
     return Result(run_id=run_id, output_dir=output_dir, sae_dir=done.written.saelens, metrics=done.metrics,
-                  seconds=0.0, sae=module.sae, frequency_bins=frequency_bins(done.analysed.table().frequency))
+                  seconds=0.0, sae=module.sae, frequency_bins=frequency_bins(done.analysed.analysis.stats.frequency.tolist()))
 
 
 def summary(result: Result, db_url: str | None) -> str:

@@ -103,7 +103,7 @@ def fresh_fvu(store: Store, run_id: int, tokens: int):
             source = run.recipe.open()
         except (lm.ModelError, RunError) as err:
             raise Skipped(f"the run's model does not load: {err}") from None
-        ctx = source.tokens.pack(run.recipe.texts()[1])
+        ctx = source.heldout_contexts()
         ctx = ctx[: max(1, math.ceil(tokens / run.config["context_size"]))]
         acts = [chunk.acts for chunk in source.chunks(ctx, progress="fresh activations")]
         return reconstruction_metrics(run.sae, acts)["fvu"], sum(len(a) for a in acts)

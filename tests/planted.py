@@ -40,7 +40,7 @@ def build(workdir: Path, model_dir: Path, texts: Path) -> Planted:
     with Store(url) as store:
         run = open_run(store, result.run_id)
         source = run.recipe.open()
-        chunks = list(source.chunks(source.tokens.pack(run.recipe.texts()[1])))
+        chunks = list(source.chunks(source.heldout_contexts()))
     tokens = torch.cat([c.tokens for c in chunks])
     keep = torch.cat([c.keep for c in chunks])
     acts = torch.cat([c.acts for c in chunks]).float() - run.sae.b_dec.detach()

@@ -122,6 +122,10 @@ class Source:
         return dict(special_ids=self.tokens.special, batch_contexts=r.lm_batch_size, outlier_factor=r.outlier_factor,
                     store_dtype=r.dtype)
 
+    def heldout_contexts(self) -> torch.Tensor:
+        """The run's held-out texts packed into contexts, as training packed them."""
+        return self.tokens.pack(self.recipe.texts()[1])
+
     def chunks(self, contexts: torch.Tensor, progress: str | None = None) -> Iterator[ContextChunk]:
         """Activations with the contexts and positions they came from (held-out data, analysis)."""
         return harvest_contexts(self.loaded.model, self.module, contexts, progress=progress, **self._options())

@@ -33,7 +33,7 @@ def number(name: str, value: Any, low: float, *, strict: bool = False, high: flo
 
 
 def width_bounded(name: str, value: Any, d_sae: int, d_in: int, expansion: int) -> int:
-    """An integer 1..d_sae (TopK's k, AuxK's k), said in terms of how the width was chosen."""
+    """An integer 1..d_sae (the k of TopK and BatchTopK), said in terms of how the width was chosen."""
     value = integer(name, value, 1)
     if value > d_sae:
         width = f"expansion {expansion} x d_in {d_in}" if d_sae == expansion * d_in else "d_sae given directly"

@@ -64,10 +64,10 @@ def record_analysis(store: Store | None, run_id: int | None, analysed: Analysed)
 
 
 # --- evaluate: SAEBench's core evaluation -----------------------------------------------------------
-def evaluation_config(recipe_hook: str, model: str, layer: int | None, context_size: int,
+def evaluation_config(hook: str, model: str, layer: int | None, context_size: int,
                       run_id: int | None) -> dict[str, Any]:
     """The `eval_config` part of a core report: what was evaluated, on what."""
-    return {"model_name": model, "hook_name": recipe_hook, "layer": layer, "context_size": context_size,
+    return {"model_name": model, "hook_name": hook, "layer": layer, "context_size": context_size,
             "dataset": "held-out texts of the run", "exclude_special_tokens_from_reconstruction": True,
             "run_id": run_id}
 

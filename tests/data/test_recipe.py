@@ -31,8 +31,7 @@ def test_a_reopened_run_stores_its_vectors_in_the_runs_dtype(tiny_llama, text_fo
                                                  "activations.dtype=bfloat16"]), resolve=True)
     recipe = Recipe.of(cfg, "model.layers.1")
     source = recipe.open()
-    contexts = source.tokens.pack(recipe.texts()[1])
-    chunks = list(source.chunks(contexts[:4]))
+    chunks = list(source.chunks(source.heldout_contexts()[:4]))
     assert {chunk.acts.dtype for chunk in chunks} == {torch.bfloat16}
     assert sum(int(chunk.keep.sum()) for chunk in chunks) == sum(len(chunk.acts) for chunk in chunks) > 0
     assert not any(chunk.keep[:, 0].any() for chunk in chunks)  # position 0 is never a vector
@@ -44,4 +43,4 @@ def test_the_width_of_a_hook_is_read_from_one_short_forward(tiny_llama, text_fol
     cfg = OmegaConf.to_container(compose_config(tiny_overrides(tiny_llama, text_folder, None)), resolve=True)
     recipe = Recipe.of(cfg, hook)
     source = recipe.open()
-    assert source.width(source.tokens.pack(recipe.texts()[1])) == width
+    assert source.width(source.heldout_contexts()) == width

@@ -4,7 +4,6 @@ import gzip
 import json
 import re
 
-import pytest
 import torch
 
 from conftest import compose_config, tiny_overrides
