@@ -17,7 +17,7 @@ import time
 import torch
 
 from midisc.analysis.features import frequency_bins
-from midisc.cli import UsageError, add_db_argument, make_console, open_store, run_tool
+from midisc.cli import UsageError, add_db_argument, db_hint, make_console, open_store, run_tool
 from midisc.data import lm
 from midisc.training.finish import analyze_features, record_analysis
 from midisc.training.reopen import open_run
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"run {run.id}: analysed {result.stats.n_tokens:,} tokens in {len(ctx)} contexts "
                   f"in {time.time() - started:.0f}s; stored {run.sae.d_sae:,} features and {written:,} examples")
     console.print("features by firing frequency: " + "  ".join(f"{k} {v}" for k, v in bins.items()))
-    console.print(f"next: python -m midisc.explore top {run.id}")
+    console.print(f"next: python -m midisc.explore top {run.id}{db_hint(args)}")
     return 0
 
 

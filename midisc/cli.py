@@ -21,7 +21,7 @@ from rich.text import Text
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from midisc.store import Store
-from midisc.store.engine import driver_message, resolve_db_url
+from midisc.store.engine import db_argument, driver_message, resolve_db_url
 
 
 
@@ -52,6 +52,11 @@ def add_db_argument(parser: argparse.ArgumentParser) -> None:
 
 def open_store(url: str | None) -> Store:
     return Store(resolve_db_url(url))
+
+
+def db_hint(args: argparse.Namespace) -> str:
+    """The ` --db …` a printed next command needs to read the database this one read ("" for the default)."""
+    return db_argument(resolve_db_url(args.db))
 
 
 def make_console() -> Console:

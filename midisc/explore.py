@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.text import Text
 
 from midisc.analysis import plots, sweeps
-from midisc.cli import (UsageError, add_db_argument, heat, make_console, make_table, number, open_store, percent, preview,
+from midisc.cli import (UsageError, add_db_argument, db_hint, heat, make_console, make_table, number, open_store, percent, preview,
                         print_json, run_tool)
 from midisc.analysis.features import frequency_bins, log_density_histogram
 from midisc.analysis.overview import quality_notes, run_overview
@@ -128,12 +128,12 @@ def _short_model(name: str) -> str:
     return name if len(name) <= 40 else "…" + name[-39:]
 
 
-def _features(store, run_id: int) -> list[dict]:
+def _features(store, run_id: int, db: str) -> list[dict]:
     features = store.features(run_id)
     if not features:
         run = store.get_run(run_id)
         raise UsageError(f"run {run_id} ({run['status']}) has no analysed features; "
-                         f"completed runs have them, or run python -m midisc.analyze {run_id}")
+                         f"completed runs have them, or run python -m midisc.analyze {run_id}{db}")
     return features
 
 
@@ -141,7 +141,7 @@ def cmd_top(args: argparse.Namespace, console: Console) -> int:
     if args.n < 1:
         raise UsageError(f"--n={args.n} must be at least 1")
     with open_store(args.db) as store:
-        features = _features(store, args.run)
+        features = _features(store, args.run, db_hint(args))
         key = SORT_KEYS[args.by]
         ranked = sorted((f for f in features if f["frequency"]), key=lambda f: -(f[key] or 0.0))[: args.n]
         best = {e["feature_index"]: e for e in store.feature_examples(
@@ -173,7 +173,7 @@ def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
     report = {"run": run_overview(run), "metrics": run["metrics"] or {},
               "epochs": [{"epoch": e["epoch"], "step": e["step"], **e["metrics"]} for e in epochs],
               "frequency_bins": bins, "log10_density_histogram": {"edges": edges, "counts": counts, "never": never},
-              "notes": quality_notes(run, features)}
+              "notes": quality_notes(run, features, db_hint(args))}
     if args.json:
         print_json(report)
         return 0
@@ -217,7 +217,7 @@ def _histogram_text(edges: list[float], counts: list[int], never: int) -> Text:
 
 def cmd_details(args: argparse.Namespace, console: Console) -> int:
     with open_store(args.db) as store:
-        features = _features(store, args.run)
+        features = _features(store, args.run, db_hint(args))
         if not 0 <= args.feature < len(features):
             raise UsageError(f"run {args.run} has no feature {args.feature}; its features are 0-{len(features) - 1}")
         feature = features[args.feature]

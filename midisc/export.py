@@ -17,7 +17,7 @@ import argparse
 import time
 from pathlib import Path
 
-from midisc.cli import UsageError, add_db_argument, make_console, open_store, run_tool
+from midisc.cli import UsageError, add_db_argument, db_hint, make_console, open_store, run_tool
 from midisc.data import lm
 from midisc.publish.publication import FeatureTable, Publication, run_info
 from midisc.store import Store
@@ -37,11 +37,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def feature_table(store: Store, run: OpenedRun) -> FeatureTable:
+def feature_table(store: Store, run: OpenedRun, db: str) -> FeatureTable:
     rows = store.features(run.id)
     if len(rows) != run.sae.d_sae:
         raise UsageError(f"run {run.id} has {len(rows)} feature rows for {run.sae.d_sae} features; "
-                         f"run python -m midisc.analyze {run.id} first")
+                         f"run python -m midisc.analyze {run.id}{db} first")
     analysed = (run.row.get("metrics") or {}).get("analysed_tokens")
     return FeatureTable.of([r["frequency"] for r in rows], [r["mean_activation"] for r in rows],
                            [r["max_activation"] for r in rows], [r["is_dead"] for r in rows], int(analysed or 0))
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise lm.ModelError(f"{err}; with --no-model the dashboards are skipped") from None
         n_layers = source.n_layers() if source else 0
         pub = Publication(sae=run.sae, run_id=run.id, metrics=run.row.get("metrics") or {},
-                          features=feature_table(store, run), examples=store.feature_examples(run.id),
+                          features=feature_table(store, run, db_hint(args)), examples=store.feature_examples(run.id),
                           set_name=set_name, **run_info(run.config, run.row["hook"], n_layers))
     acts = []
     if source is not None:
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"  SAELens folder:      {written.saelens}")
     console.print(f"  Neuronpedia package: {written.package}")
     console.print(f"  dashboard files:     {written.dashboard or 'skipped (--no-model)'}")
-    console.print(f"next: python -m midisc.verify {run.id}")
+    console.print(f"next: python -m midisc.verify {run.id}{db_hint(args)}")
     return 0
 
 

@@ -43,14 +43,15 @@ from midisc.data.recipe import Recipe, Source
 from midisc.data.cache import SharedCache, cache_bytes
 from midisc.publish.publication import run_info
 from midisc.run_folder import CHECKPOINT_DIR, CURVES_FILENAME, PENDING_FILENAME
-from midisc.store import Store, redact_url
+from midisc.store import Store, db_argument, redact_url, storage_argument
 from midisc.store.journal import Journal
 from midisc.store.redaction import redact_console, redact_log_records, redact_text, scrub_hydra_files
 from midisc.training.callbacks import MetricsRecorder, ProgressBar
 from midisc.training.checkpoints import (CheckpointError, Checkpointer, RunLock, checkpoint_step, last_checkpoint,
-                                        log_into_run_folder, resume_checkpoint, trainer_position, trim_curves)
+                                        resume_checkpoint, trainer_position, trim_curves)
 from midisc.training.finish import RunEnd, finish
 from midisc.training.module import SAEModule, StopOnNonFiniteLoss
+from midisc.training.run_log import log_into_run_folder, remove_unused_run_folder, to_file_only
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class Result:
     seconds: float
     sae: torch.nn.Module
     frequency_bins: dict[str, int]  # features per firing-frequency bin, over the held-out tokens
+    dead_window: int = 0            # training tokens without firing after which a feature counts as dead
 
 
 def recorded_config(cfg: DictConfig) -> dict:
@@ -145,19 +147,38 @@ def resumed_config(cfg: DictConfig) -> tuple[DictConfig, Path]:
     return stored, Path(run["output_dir"])
 
 
+def plan(cfg: DictConfig, hook: str, run_id: int | None, n_train: int, n_heldout: int) -> str:
+    """What the run is about to do, in the few lines that open its log."""
+    settings = "  ".join(f"{k}={v}" for k, v in cfg.sae.items() if k != "_target_")
+    optimizer = "  ".join(f"{k}={v}" for k, v in cfg.optimizer.items() if not k.startswith("_"))
+    data = cfg.data.source + " " + str(cfg.data.get("name") or cfg.data.get("path") or cfg.data.get("package"))
+    head = f"run {run_id}" if run_id is not None else "run (storage=none)"
+    return "\n".join([
+        f"{head}: {get_class(cfg.sae._target_).architecture} SAE ({settings}) on {hook} of {cfg.model.name}",
+        f"  data:       {data}: {n_train} training and {n_heldout} held-out texts, contexts of {cfg.context_size} "
+        "tokens",
+        f"  training:   {cfg.epochs} epoch(s) in batches of {cfg.batch_size:,}; optimizer {optimizer}; seed {cfg.seed}",
+        f"  database:   {redact_url(cfg.storage.url) if cfg.storage.url else 'none'}"])
+
+
 def train(cfg: DictConfig, output_dir: Path) -> Result:
     started = time.time()
-    check_config(cfg)
-    train_texts, heldout_texts = load_corpus(cfg)
-    store = Store(cfg.storage.url) if cfg.storage.url else None
+    try:  # refusals: nothing has started, and a folder Hydra made for the run goes again
+        check_config(cfg)
+        train_texts, heldout_texts = load_corpus(cfg)
+        store = Store(cfg.storage.url) if cfg.storage.url else None
 
-    m = cfg.model
-    source = lm.model_source(m.name, m.gguf_package, m.gguf_file)
-    hf_config = lm.load_config(source)
-    hook = lm.resolve_hook(hf_config, layer=cfg.layer, site=m.site, hooks=dict(m.hooks), hook=m.hook)
-    if m.hook is None:  # the standard sites all output hidden_size: the SAE's own checks can run now
-        build_sae(cfg, d_in=hf_config.hidden_size, device="meta")  # meta: no memory, no weights
-    # (a raw hook's width is known once the model has run one context: _fit builds the SAE then)
+        m = cfg.model
+        source = lm.model_source(m.name, m.gguf_package, m.gguf_file)
+        hf_config = lm.load_config(source)
+        hook = lm.resolve_hook(hf_config, layer=cfg.layer, site=m.site, hooks=dict(m.hooks), hook=m.hook)
+        if m.hook is None:  # the standard sites all output hidden_size: the SAE's own checks can run now
+            build_sae(cfg, d_in=hf_config.hidden_size, device="meta")  # meta: no memory, no weights
+        # (a raw hook's width is known once the model has run one context: _fit builds the SAE then)
+    except BaseException:
+        if cfg.resume is None:
+            remove_unused_run_folder(output_dir)
+        raise
     L.seed_everything(cfg.seed, verbose=False)
 
     lock = RunLock(output_dir)
@@ -183,15 +204,18 @@ def train(cfg: DictConfig, output_dir: Path) -> Result:
                                  architecture=get_class(cfg.sae._target_).architecture, config=recorded_config(cfg),
                                  output_dir=str(output_dir), sweep_id=sweep_id, overrides=overrides)
         store = Journal(store, output_dir / PENDING_FILENAME, run_id)
+    log.info(plan(cfg, hook, run_id, len(train_texts), len(heldout_texts)))
     try:
         result = _fit(cfg, output_dir, store, run_id, hook, train_texts, heldout_texts, resume_from)
     except (KeyboardInterrupt, SystemExit) as stop:  # Lightning turns Ctrl-C into SystemExit(1)
         if store:
-            how = f"continue with: python -m midisc.train resume={run_id}"
+            how = f"continue with: python -m midisc.train resume={run_id}{storage_argument(cfg.storage.url)}"
             why = "stopped by SIGTERM" if isinstance(stop, SIGTERMException) else "interrupted by the user (Ctrl-C)"
             store.finish_run(run_id, "interrupted", error=f"{why}; {how}")
             saved = "its checkpoint is saved" if last_checkpoint(output_dir) else "it had no checkpoint yet"
-            print(f"run {run_id} is marked interrupted and {saved}; {how}", file=sys.stderr)
+            message = f"run {run_id} is marked interrupted and {saved}; {how}"
+            print(message, file=sys.stderr)
+            to_file_only(message)
         raise KeyboardInterrupt from None
     except BaseException as err:
         if store:
@@ -206,8 +230,10 @@ def train(cfg: DictConfig, output_dir: Path) -> Result:
         lock.release()
         if store:
             if store.pending:
-                print(f"warning: the database was unreachable: {store.pending} write(s) of run {run_id} wait in "
-                      f"{store.path}; send them with: {sync_command(store)}", file=sys.stderr)
+                message = (f"the database was unreachable: {store.pending} write(s) of run {run_id} wait in "
+                           f"{store.path}; send them with: {sync_command(store)}")
+                print(f"warning: {message}", file=sys.stderr)
+                to_file_only(message, logging.WARNING)
             store.close()
     return result
 
@@ -273,10 +299,11 @@ def _train(cfg: DictConfig, output_dir: Path, store: Store | None, run_id: int |
     # before its checkpoint.
     callbacks: list[L.Callback] = [StopOnNonFiniteLoss(cfg.checkpoint_every),
                                    MetricsRecorder(store, run_id, output_dir / CURVES_FILENAME), checkpointer]
-    if cfg.trainer.enable_progress_bar:
+    bars = bool(cfg.trainer.enable_progress_bar) and sys.stderr.isatty()  # piped output and logs carry none
+    if bars:
         callbacks.append(ProgressBar())
     trainer = instantiate(cfg.trainer, default_root_dir=str(output_dir), logger=make_loggers(cfg, output_dir) or False,
-                          callbacks=callbacks)
+                          callbacks=callbacks, enable_progress_bar=bars)
     stream.position = trainer_position(trainer)
     trainer.fit(module, train_dataloaders=DataLoader(stream, batch_size=None),
                 val_dataloaders=DataLoader(list(heldout.split(cfg.batch_size)), batch_size=None), ckpt_path=ckpt)
@@ -291,12 +318,13 @@ def _train(cfg: DictConfig, output_dir: Path, store: Store | None, run_id: int |
                  is_dead=(module.tokens_since_fired >= module.dead_window).cpu().tolist(),
                  dead_frac=float(module.dead_frac()), n_tokens=stream.n_rows)
     done = finish(end, OmegaConf.to_container(cfg.analysis), OmegaConf.to_container(cfg.evaluate),
-                  OmegaConf.to_container(cfg.export), progress=bool(cfg.trainer.enable_progress_bar))
+                  OmegaConf.to_container(cfg.export), progress=bars)
     checkpointer.discard()
     if store:
         store.update_run(run_id, n_tokens=stream.n_rows)
     return Result(run_id=run_id, output_dir=output_dir, sae_dir=done.written.saelens, metrics=done.metrics,
-                  seconds=0.0, sae=module.sae, frequency_bins=frequency_bins(done.analysed.analysis.stats.frequency.tolist()))
+                  seconds=0.0, sae=module.sae, frequency_bins=frequency_bins(done.analysed.analysis.stats.frequency.tolist()),
+                  dead_window=module.dead_window)
 
 
 def summary(result: Result, db_url: str | None) -> str:
@@ -307,15 +335,17 @@ def summary(result: Result, db_url: str | None) -> str:
              f"  run folder: {result.output_dir}",
              f"  SAE:        {result.sae_dir}",
              f"  database:   {redact_url(db_url) if db_url else 'none'}",
-             f"  held-out:   MSE {m['mse']:.4g}  FVU {m['fvu']:.3f}  L0 {m['l0']:.1f}  "
-             f"dead {100 * m['dead_frac']:.1f}% ({int(m['alive_features'])} features alive)",
+             f"  held-out:   MSE {m['mse']:.4g}  FVU {m['fvu']:.3f}  L0 {m['l0']:.1f}",
+             f"  dead:       {100 * m['dead_frac']:.2f}% of features not fired in the last {result.dead_window:,} "
+             f"training tokens ({int(m['alive_features']):,} alive); {result.frequency_bins['never']:,} never fired "
+             f"on the {int(m['analysed_tokens']):,} held-out tokens",
              f"  trained on: {int(m['n_tokens']):,} activation vectors per epoch",
              *([f"  spliced in: CE loss recovered {m['ce_loss_score']:.3f}  KL score {m['kl_div_score']:.3f} "
                 "(SAEBench core, evaluation_core.json)"] if "ce_loss_score" in m and "kl_div_score" in m else []),
-             "  features by firing frequency (held-out): "
+             "  features by firing frequency (held-out tokens): "
              + "  ".join(f"{name} {count}" for name, count in result.frequency_bins.items())]
     if result.run_id is not None:
-        lines.append(f"  explore:    python -m midisc.explore top {result.run_id}")
+        lines.append(f"  explore:    python -m midisc.explore top {result.run_id}{db_argument(db_url)}")
     return "\n".join(lines)
 
 
@@ -333,24 +363,33 @@ def quiet_lightning() -> None:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     redact_log_records()  # again here: a joblib sweep runs this in worker processes that never ran __main__
+    logging.captureWarnings(True)  # Python's warnings into the run's log, as the terminal shows them
     quiet_lightning()
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     sweep_dir = HydraConfig.get().sweep.dir if HydraConfig.get().mode == RunMode.MULTIRUN else None
     scrub_hydra_files(output_dir, Path(sweep_dir) if sweep_dir else None)  # a password given in storage.url
+    fresh = output_dir
     try:
         if cfg.resume is not None:
-            fresh = output_dir
-            cfg, output_dir = resumed_config(cfg)
+            try:
+                cfg, output_dir = resumed_config(cfg)
+            except BaseException:  # a refused resume: the folder Hydra made for it goes again
+                remove_unused_run_folder(fresh)
+                raise
             if sweep_dir is None:
                 log_into_run_folder(fresh, output_dir)
         result = train(cfg, output_dir)
     except user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
+        to_file_only(f"error: {err}")
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    print(summary(result, cfg.storage.url))
+    except Exception as err:  # a bug: Hydra prints the traceback, the log keeps it too
+        to_file_only(redact_text("".join(traceback.format_exception(err))))
+        raise
+    log.info(summary(result, cfg.storage.url))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from midisc.analysis import plots
 from midisc.data import lm
 from midisc.publish.check_target import FAIL, PASS, SKIP, Skipped, Target
 from midisc.publish.checks import run_checks
-from midisc.cli import UsageError, add_db_argument, make_console, make_table, open_store, print_json, run_tool
+from midisc.cli import UsageError, add_db_argument, db_hint, make_console, make_table, open_store, print_json, run_tool
 from midisc.analysis.metrics import reconstruction_metrics
 from midisc.training.reopen import RunError, open_run
 from midisc.store import Store, StoreError
@@ -91,7 +91,7 @@ def make_target(args: argparse.Namespace, store: Store | None) -> tuple[Target, 
     target = Target(output_dir=output_dir, sae_dir=sae_dir, package_dir=_one(output_dir, "*_neuronpedia"),
                     dashboard_dir=_dashboard(output_dir, sae_dir),
                     expect_neuronpedia=export.get("neuronpedia", True), run=run, saved=saved,
-                    features=store.features(run["id"]) if run else None)
+                    features=store.features(run["id"]) if run else None, db=db_hint(args))
     return target, run
 
 

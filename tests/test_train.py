@@ -3,6 +3,7 @@
 import csv
 import json
 import logging
+import shlex
 import signal
 from pathlib import Path
 
@@ -154,9 +155,23 @@ def test_cli_single_run_prints_where_everything_is(tmp_path, tiny_llama, text_fo
     proc = run_cli(cli_args(tiny_llama, text_folder, tmp_path / "runs.db"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "run 1 completed" in proc.stdout and "FVU" in proc.stdout and "dead" in proc.stdout
-    assert "features by firing frequency (held-out): never" in proc.stdout and "midisc.explore top 1" in proc.stdout
+    assert "features by firing frequency (held-out tokens): never" in proc.stdout and "midisc.explore top 1" in proc.stdout
     sae_dir = Path(proc.stdout.split("SAE:")[1].split()[0])
     assert (sae_dir / "cfg.json").is_file() and sae_dir.is_relative_to(tmp_path / "outputs")
+    # Each "dead" says what it counts.
+    assert "not fired in the last 2,048 training tokens" in proc.stdout and "never fired on the" in proc.stdout
+    # The log holds what the terminal showed, line for line, each with its time; piped, no bar was drawn.
+    logged = (sae_dir.parent / "train.log").read_text().splitlines()
+    assert [line.split(" INFO ", 1)[-1] for line in logged] == proc.stdout.splitlines()
+    assert logged[0].endswith("run 1: topk SAE (expansion=4  k=8  aux_k_coef=0.03125  aux_k=None) on model.layers.1 "
+                              f"of {tiny_llama}")
+    assert sum(line.split(" INFO ")[-1].startswith("epoch ") for line in logged) == 2
+    assert proc.stderr == ""
+    # The closing hint, run as printed, reads the run's own database (not the default one beside it).
+    hint = proc.stdout.split("explore:")[1].strip().splitlines()[0]
+    assert hint == f"python -m midisc.explore top 1 --db 'sqlite:///{tmp_path / 'runs.db'}'"
+    shown = run_cli([*shlex.split(hint)[2:], "--json"], cwd=tmp_path)
+    assert shown.returncode == 0 and json.loads(shown.stdout), shown.stderr
 
 
 @pytest.mark.slow
@@ -215,6 +230,7 @@ def test_cli_error_is_one_line_without_traceback(tmp_path, tiny_llama, text_fold
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: layer=9 is out of range")
+    assert not list((tmp_path / "outputs").glob("*/*")), "a refused config leaves no run folder"
 
 
 def test_seed_phi2_fails_clearly_without_the_model(tmp_path):
@@ -222,3 +238,15 @@ def test_seed_phi2_fails_clearly_without_the_model(tmp_path):
                    cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "model 'microsoft/phi-2' is not available" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_a_run_that_fails_after_it_started_keeps_its_folder_and_the_error_in_its_log(tmp_path, tiny_llama,
+                                                                                      text_folder):
+    proc = run_cli(cli_args(tiny_llama, text_folder, tmp_path / "runs.db") + ["batch_size=1000000"], cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (log,) = tmp_path.glob("outputs/*/*/train.log")
+    text = log.read_text()
+    assert text.splitlines()[0].endswith(f"of {tiny_llama}")  # the plan, then the refusal the terminal showed
+    assert text.strip().splitlines()[-1].endswith(proc.stderr.strip().splitlines()[-1])
+    (run,) = Store(f"sqlite:///{tmp_path / 'runs.db'}").list_runs()
+    assert run["status"] == "failed" and Path(run["output_dir"]) == log.parent

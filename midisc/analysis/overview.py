@@ -41,8 +41,9 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s"
 
 
-def quality_notes(run: dict[str, Any], features: list[dict[str, Any]]) -> list[str]:
-    """What the numbers mean, each note one sentence a researcher can act on."""
+def quality_notes(run: dict[str, Any], features: list[dict[str, Any]], db: str = "") -> list[str]:
+    """What the numbers mean, each note one sentence a researcher can act on; `db` ends a command it suggests
+    (the ` --db …` that reads this run's database)."""
     notes = []
     if run["status"] != "completed":
         reason = (run.get("error") or "").strip().splitlines()
@@ -78,5 +79,5 @@ def quality_notes(run: dict[str, Any], features: list[dict[str, Any]]) -> list[s
         silent = sum(1 for f in features if not f["frequency"] and not f["is_dead"])
         if silent:
             notes.append(f"{silent} features fired in training but never on the analysed tokens: rare features; "
-                         f"analyse more tokens with python -m midisc.analyze {run['id']} --tokens 200000")
+                         f"analyse more tokens with python -m midisc.analyze {run['id']} --tokens 200000{db}")
     return notes

@@ -75,7 +75,7 @@ def splice_totals(model: nn.Module, module: nn.Module, sae: nn.Module, contexts:
     device = input_device(model)
     sae_device = sae.W_dec.device
     batches = list(contexts)
-    for ids in tqdm(batches, desc=progress, unit="batch", disable=progress is None, leave=False):
+    for ids in tqdm(batches, desc=progress, unit="batch", disable=True if progress is None else None, leave=False):
         ids = ids.to(device)
         keep = keep_mask(ids, special)
 

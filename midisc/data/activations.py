@@ -60,7 +60,7 @@ def harvest_contexts(model, module, contexts: torch.Tensor, *, special_ids: Iter
     """Run `model` up to `module` over contexts [N, T]; yield filtered activations with their positions, on the CPU."""
     special = sorted(set(special_ids))
     starts = range(0, len(contexts), batch_contexts)
-    for start in tqdm(starts, desc=progress, unit="batch", disable=progress is None, leave=False):
+    for start in tqdm(starts, desc=progress, unit="batch", disable=True if progress is None else None, leave=False):
         tokens = contexts[start:start + batch_contexts]
         with torch.inference_mode():
             acts = capture(model, module, tokens)
@@ -208,7 +208,7 @@ class ActivationStream(IterableDataset):
             # the restart: a fresh harvest comes in corpus order, and skipping the trained batches of it would
             # skip the wrong vectors.
             for _ in tqdm(self._harvest_into_cache(), desc="refilling the activation cache", unit="chunk",
-                          leave=False):
+                          leave=False, disable=None):
                 pass
         generator = torch.Generator().manual_seed(self.seed + epoch)
         chunks = self._cached_chunks(generator) if self.cache.complete else self._harvest_into_cache()

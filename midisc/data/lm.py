@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -62,11 +63,20 @@ def _is_complete(folder: Path) -> bool:
         folder.glob("*.safetensors"))
 
 
+def _bars_on_a_terminal_only() -> None:
+    """transformers draws its own bars (loading weights, dequantising); piped or logged output must not carry them."""
+    if not sys.stderr.isatty():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def _materialise_gguf(package: str, gguf_file: str) -> Path:
     """Dequantise a packaged GGUF once into an fp32 transformers folder; return that folder."""
     target = _gguf_cache_dir(package, gguf_file)
     if _is_complete(target):
         return target
+    _bars_on_a_terminal_only()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = package_folder(package)
@@ -176,6 +186,7 @@ def load_model(name: str, *, gguf_package: str | None = None, gguf_file: str | N
     if dtype not in DTYPES:
         raise ModelError(f"model.dtype={dtype!r} is not supported; valid: {', '.join(DTYPES)}")
     source = model_source(name, gguf_package, gguf_file)
+    _bars_on_a_terminal_only()
     kwargs: dict = {"dtype": DTYPES[dtype]}
     if device_map and torch.cuda.is_available():
         kwargs["device_map"] = device_map

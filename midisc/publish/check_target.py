@@ -51,6 +51,7 @@ class Target:
     saved: dict[str, Any] | None = None     # its sae_models row
     features: list[dict[str, Any]] | None = None
     measure_fvu: Callable[[], tuple[float, int]] | None = None  # (FVU, tokens) on fresh activations
+    db: str = ""                            # the ` --db …` a suggested command needs to read the run's database
     fvu_tolerance: float = 0.05
 
     # --- the files, read once ------------------------------------------------------------

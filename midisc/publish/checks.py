@@ -251,7 +251,7 @@ def dead_features(t: Target) -> str:
         frequency = [f["frequency"] or 0.0 for f in t.features]
         if not torch.allclose(log10_density(frequency), t.sparsity.float(), atol=1e-4):
             raise Failure(f"{SPARSITY_FILENAME} does not match the recorded feature frequencies (re-analysed "
-                          f"since it was written? python -m midisc.export {t.run['id'] if t.run else 'RUN'} "
+                          f"since it was written? python -m midisc.export {t.run['id'] if t.run else 'RUN'}{t.db} "
                           "writes it again)")
     if t.package_dir is not None:
         analysis = read_json(t.package_file(ANALYSIS_FILENAME))

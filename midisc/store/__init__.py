@@ -4,7 +4,8 @@ found in them: example contexts per feature and features scored against concepts
 Plain Python values go in and come out; the same code runs on SQLite and PostgreSQL.
 """
 
-from midisc.store.engine import StoreError, default_db_url, redact_url
+from midisc.store.engine import StoreError, db_argument, default_db_url, redact_url, storage_argument
 from midisc.store.records import Store, UnknownRunError
 
-__all__ = ["Store", "StoreError", "UnknownRunError", "default_db_url", "redact_url"]
+__all__ = ["Store", "StoreError", "UnknownRunError", "db_argument", "default_db_url", "redact_url",
+           "storage_argument"]

@@ -56,6 +56,41 @@ def resolve_db_url(url: str | None) -> str:
     return postgres_url_from_env() if url == "postgres" else url
 
 
+def _spelling(url: str) -> str | None:
+    """How a printed command names `url`: None for the default database, `postgres` for $POSTGRES_*'s,
+    else the URL, password hidden (with a note: a hidden password has to be typed back in)."""
+    try:
+        same = database_identity(url) == database_identity(default_db_url())
+        from_env = database_identity(url) == database_identity(postgres_url_from_env())
+    except StoreError:
+        same = from_env = False
+    if same:
+        return None
+    if from_env and make_url(url).get_backend_name() == "postgresql":
+        return "postgres"
+    shown = redact_url(url)
+    return f"'{shown}'" + (" (your password in place of ***)" if shown != url else "")
+
+
+def db_argument(url: str | None) -> str:
+    """What a tool's command line needs to read the database at `url`: "" for the default one, else ` --db …`.
+
+    Every hint a command prints (`python -m midisc.explore top 3`) ends with this, so that run as printed it
+    reads the database the run used, not the default one beside it."""
+    spelled = _spelling(url) if url else None
+    return "" if spelled is None else f" --db {spelled}"
+
+
+def storage_argument(url: str | None) -> str:
+    """The same for `python -m midisc.train` (a resume): "", ` storage=postgres` or ` storage.url=…`."""
+    if not url:
+        return " storage=none"
+    spelled = _spelling(url)
+    if spelled is None:
+        return ""
+    return " storage=postgres" if spelled == "postgres" else f" storage.url={spelled}"
+
+
 def redact_url(url: str) -> str:
     """`url` with its password replaced by ***; a URL that does not parse comes back unchanged."""
     try:

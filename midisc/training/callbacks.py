@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import math
 from pathlib import Path
 
@@ -10,6 +11,9 @@ import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 from midisc.store import Store
+from midisc.training.run_log import epoch_line
+
+log = logging.getLogger(__name__)
 
 
 CURVE_METRICS = ("train/loss", "train/mse", "train/fvu", "train/l0", "train/l1", "sparsity/dead_frac", "train/lr")
@@ -17,7 +21,8 @@ CURVE_METRICS = ("train/loss", "train/mse", "train/fvu", "train/l0", "train/l1",
 
 class MetricsRecorder(L.Callback):
     """Writes the metrics as training goes: a per-step curve file in the run folder (appended as it goes, so
-    a crashed run keeps its curve) and one epoch_metrics row per epoch in the store (none with storage=none).
+    a crashed run keeps its curve), one line per epoch in the run's log, and one epoch_metrics row per epoch in
+    the store (none with storage=none).
     What happens after training (analysis, evaluation, publishing) is `finish.py`'s."""
 
     def __init__(self, store: Store | None, run_id: int | None, curves: Path) -> None:
@@ -45,14 +50,16 @@ class MetricsRecorder(L.Callback):
                              **{k: v for k, v in values.items() if math.isfinite(v)}})
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.store is None:
-            return
         # Epoch aggregates (train/*_epoch) and the held-out validation (val/*) of this epoch.
         values = {name.removesuffix("_epoch"): float(value) for name, value in trainer.callback_metrics.items()
                   if not name.endswith("_step")}
         # Only group/name metrics: the progress bar's short aliases are not records.
         values = {k: v for k, v in values.items() if "/" in k and math.isfinite(v)}
-        self.store.add_epoch_metrics(self.run_id, trainer.current_epoch, trainer.global_step, values)
+        if trainer.is_global_zero:
+            log.info(epoch_line(trainer.current_epoch, trainer.max_epochs, trainer.global_step, values,
+                                float(pl_module.dead_frac()), pl_module.dead_window))
+        if self.store is not None:
+            self.store.add_epoch_metrics(self.run_id, trainer.current_epoch, trainer.global_step, values)
 
 
 class ProgressBar(TQDMProgressBar):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import fcntl
-import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -207,28 +206,3 @@ class RunLock:
             fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
             self._file = None
-
-
-def log_into_run_folder(fresh: Path, run_folder: Path) -> None:
-    """Send a resume's log to the resumed run's train.log and remove the folder Hydra made for the resume.
-
-    Hydra gives every invocation a new outputs/<date>/<time>/ folder; a resume trains in the run's own
-    folder, so the new one would hold nothing but its log and .hydra/ (the resume's two overrides).
-    """
-    for handler in logging.getLogger().handlers:
-        if not isinstance(handler, logging.FileHandler) or Path(handler.baseFilename).parent != fresh:
-            continue
-        old = Path(handler.baseFilename)
-        handler.close()
-        target = run_folder / old.name
-        if old.is_file():  # what was logged before the resume knew its run
-            with open(target, "a") as log_file:
-                log_file.write(old.read_text())
-            old.unlink()
-        handler.baseFilename, handler.mode = str(target), "a"  # reopened there at the next record
-    shutil.rmtree(fresh / ".hydra", ignore_errors=True)
-    for folder in (fresh, fresh.parent):  # the time folder, then the date folder when nothing else is in it
-        try:
-            folder.rmdir()
-        except OSError:
-            break

@@ -138,7 +138,7 @@ class Finished:
 
 def finish(run: RunEnd, analysis: dict, evaluation: dict, export: dict, progress: bool = True) -> Finished:
     """Analyse, evaluate, publish and record `run`; the config groups `analysis:`, `evaluate:`, `export:`."""
-    chunks = tqdm(run.heldout, desc="feature analysis", unit="batch", leave=False, disable=not progress)
+    chunks = tqdm(run.heldout, desc="feature analysis", unit="batch", leave=False, disable=None if progress else True)
     analysed = analyze_features(run.sae, chunks, run.source.tokens.decode(), analysis, run.is_dead)
     record_analysis(run.store, run.run_id, analysed)
     metrics = {**reconstruction_metrics(run.sae, (chunk.acts for chunk in run.heldout)),
