@@ -21,7 +21,7 @@ from rich.text import Text
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from midisc.store import Store
-from midisc.store.engine import db_argument, driver_message, resolve_db_url
+from midisc.store.engine import db_argument, driver_message, require_existing, resolve_db_url
 
 
 
@@ -51,7 +51,10 @@ def add_db_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def open_store(url: str | None) -> Store:
-    return Store(resolve_db_url(url))
+    """The store a tool reads runs from; a SQLite file that does not exist is refused, never created."""
+    resolved = resolve_db_url(url)
+    require_existing(resolved)
+    return Store(resolved)
 
 
 def db_hint(args: argparse.Namespace) -> str:

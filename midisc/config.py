@@ -15,6 +15,7 @@ import difflib
 import hashlib
 import importlib
 import inspect
+from pathlib import Path
 from typing import get_args
 
 from hydra.core.hydra_config import HydraConfig
@@ -243,3 +244,57 @@ def _check_trainer(cfg: DictConfig) -> None:
         _text(cfg, "trainer.accelerator")
     if "precision" in trainer and _precisions():
         _choice(cfg, "trainer.precision", _precisions())
+
+
+HYDRA_FLAGS_WITH_VALUE = {"-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name", "-cd",
+                          "--config-dir", "--info", "-i", "--experimental-rerun"}
+
+
+def _first_value(override) -> str:
+    return next(iter(override.sweep_string_iterator())) if override.is_sweep_override() else \
+        override.get_value_element_as_str()
+
+
+def misspelt_keys(argv: list[str], config_dir: str, config_name: str = "train") -> list[str]:
+    """Hints for the command-line overrides that name no key of the config (`sae.expanson=16`): Hydra refuses
+    them with its struct error and no suggestion; this says which key was probably meant.
+
+    The config is composed with the overrides that choose groups (`sae=relu`, the first value of a sweep),
+    so the keys offered are the ones of the config the user asked for."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+
+    words, skip = [], False
+    for arg in argv:  # Hydra's own flags, and the value after those that take one, are not overrides
+        if not skip and not arg.startswith("-"):
+            words.append(arg)
+        skip = arg in HYDRA_FLAGS_WITH_VALUE
+    try:
+        overrides = OverridesParser.create().parse_overrides(words)
+    except Exception:  # Hydra's own message already said what is wrong with the syntax
+        return []
+    overrides = [o for o in overrides if o.type == OverrideType.CHANGE and not o.is_hydra_override()]
+    groups = {p.name for p in Path(config_dir).iterdir() if p.is_dir()}
+    choices = [f"{o.key_or_group}={_first_value(o)}" for o in overrides if o.key_or_group in groups]
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+            cfg = compose(config_name, overrides=choices)
+    except Exception:
+        return []
+    hints = []
+    for o in overrides:
+        key = o.key_or_group
+        if key in groups or OmegaConf.select(cfg, key) is not None:
+            continue
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if not isinstance(node, DictConfig) or leaf in node:
+            continue  # an existing key set to null, or a path through a value
+        near = difflib.get_close_matches(leaf, [str(k) for k in node], n=1)
+        where = f"a key of {parent}" if parent else "a config key"
+        hints.append(f"{key} is not {where}; " + (f"did you mean {parent + '.' if parent else ''}{near[0]}?"
+                                                  if near else f"its keys: {', '.join(map(str, node))}"))
+    return hints

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 
 from midisc.analysis.features import frequency_bins
 from midisc.cli import user_errors
-from midisc.config import ConfigError, check_config
+from midisc.config import ConfigError, check_config, misspelt_keys
 from midisc.data import corpus, lm
 from midisc.data.activations import ActivationStream, ContextChunk, MemoryCache, keep_mask
 from midisc.data.recipe import Recipe, Source
@@ -396,4 +396,9 @@ if __name__ == "__main__":
     load_dotenv(Path.cwd() / ".env")  # POSTGRES_* and MIDISC_DB_URL may live in a .env file
     redact_log_records()  # before Hydra's launcher logs each job's overrides, storage.url among them
     redact_console()  # and before it prints a failed job's overrides straight to stderr
+    # Before Hydra, which refuses a misspelt key with a struct error and no suggestion, after making the folders.
+    misspelt = misspelt_keys(sys.argv[1:], str(Path(__file__).parents[1] / "conf"))
+    if misspelt:
+        print(f"error: {misspelt[0]}", file=sys.stderr)
+        sys.exit(2)
     main()

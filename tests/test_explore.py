@@ -86,6 +86,24 @@ def test_mistakes_get_one_line(run, args, message, capsys):
     assert stopped.value.code == 2 and capsys.readouterr().err.strip() == f"error: {message}"
 
 
+@pytest.mark.parametrize("tool, args", [(explore, ["top", "1"]), (explore, ["list"]), (analyze, ["1"])])
+def test_a_mistyped_sqlite_path_is_refused_not_created(tool, args, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    Store("sqlite:///outputs/midisc.db").close()
+    with pytest.raises(SystemExit) as stopped:
+        run_tool(tool.main, [*args, "--db", "sqlite:///outputs/midsic.db"])
+    assert stopped.value.code == 2 and capsys.readouterr().err.strip() == (
+        "error: no database at outputs/midsic.db (sqlite:///outputs/midsic.db); databases under outputs/: "
+        "outputs/midisc.db")
+    assert [p.name for p in (tmp_path / "outputs").iterdir()] == ["midisc.db"]
+    (tmp_path / "outputs" / "midisc.db").unlink()
+    with pytest.raises(SystemExit):
+        run_tool(tool.main, [*args, "--db", "sqlite:///elsewhere/runs.db"])
+    assert capsys.readouterr().err.strip().endswith("there is no database under outputs/ either: train a run first "
+                                                    "(python -m midisc.train)")
+    assert not (tmp_path / "elsewhere").exists()
+
+
 def test_the_analysis_cli_takes_more_tokens_from_training_texts(run, capsys):
     with Store(run.url) as store:
         before = store.features(run.run_id)

@@ -250,3 +250,14 @@ def test_a_run_that_fails_after_it_started_keeps_its_folder_and_the_error_in_its
     assert text.strip().splitlines()[-1].endswith(proc.stderr.strip().splitlines()[-1])
     (run,) = Store(f"sqlite:///{tmp_path / 'runs.db'}").list_runs()
     assert run["status"] == "failed" and Path(run["output_dir"]) == log.parent
+
+
+@pytest.mark.parametrize("args, hint", [
+    (["sae.expanson=16"], "error: sae.expanson is not a key of sae; did you mean sae.expansion?"),
+    (["-m", "layr=3,4"], "error: layr is not a config key; did you mean layer?"),
+    (["sae=relu", "sae.l1_coeff=1e-3"], "error: sae.l1_coeff is not a key of sae; did you mean sae.l1_coef?"),
+])
+def test_a_misspelt_key_is_refused_in_one_line_with_a_suggestion(tmp_path, args, hint):
+    proc = run_cli(["midisc.train", *args, "storage=none"], cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip() == hint
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()

@@ -139,6 +139,33 @@ def parse_url(url: str) -> URL:
     return parsed
 
 
+SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+
+
+def sqlite_files_under(folder: Path, limit: int = 8) -> list[str]:
+    """SQLite files under `folder` (the ones a mistyped --db was probably meant to be), nearest first."""
+    if not folder.is_dir():
+        return []
+    found = sorted((p for p in folder.rglob("*") if p.suffix in SQLITE_SUFFIXES and p.is_file()),
+                   key=lambda p: (len(p.parts), str(p)))
+    return [str(p) for p in found[:limit]]
+
+
+def require_existing(url: str) -> None:
+    """Refuse a SQLite URL whose file does not exist: a tool that only reads runs would otherwise create an empty
+    database (and its folders) at a mistyped path and then report that it holds no runs."""
+    parsed = parse_url(url)
+    database = parsed.database or ""
+    if parsed.get_backend_name() != "sqlite" or database in ("", ":memory:") or database.startswith("file:"):
+        return
+    if Path(database).expanduser().is_file():
+        return
+    seen = sqlite_files_under(Path("outputs"))
+    there = (f"databases under outputs/: {', '.join(seen)}" if seen else
+             "there is no database under outputs/ either: train a run first (python -m midisc.train)")
+    raise StoreError(f"no database at {database} ({redact_url(url)}); {there}")
+
+
 def _connect_args(parsed: URL) -> dict[str, Any]:
     if parsed.get_backend_name() == "sqlite":
         return {"timeout": SQLITE_BUSY_TIMEOUT_S}
@@ -205,7 +232,13 @@ def connect(url: str) -> Engine:
             raise StoreError(f"cannot open database {shown}: {reason}") from None
         # The hint helps only when nothing answered; after a refused login or a missing database it misleads.
         lowered = reason.lower()
-        if "host name" in lowered or "name or service" in lowered:
+        if "database" in lowered and "does not exist" in lowered:
+            # The server answered; the database in the URL (POSTGRES_DB's default, midisc) was never created.
+            name = parsed.database
+            hint = (f" (create it: createdb -h {parsed.host or 'localhost'} -U {parsed.username or 'postgres'} {name}; "
+                    "or name one that exists: POSTGRES_DB for storage=postgres and --db postgres, else the URL's "
+                    "last part)")
+        elif "host name" in lowered or "name or service" in lowered:
             hint = " (is the host name right?)"
         elif any(word in lowered for word in ("refused", "timeout", "timed out", "could not connect")):
             hint = " (is the server running?)"

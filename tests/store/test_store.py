@@ -223,6 +223,18 @@ def test_unreachable_postgres_is_one_clear_line() -> None:
     assert time.perf_counter() - started < 10
 
 
+def test_a_database_never_created_says_how_to_create_or_name_one(postgres_url) -> None:
+    from sqlalchemy.engine import make_url
+
+    missing = make_url(postgres_url).set(database="midisc_never_created", query={})
+    with pytest.raises(StoreError) as caught:
+        Store(missing.render_as_string(hide_password=False))
+    message = str(caught.value)
+    assert "\n" not in message and 'database "midisc_never_created" does not exist' in message
+    assert f"createdb -h {missing.host} -U {missing.username} midisc_never_created" in message
+    assert "POSTGRES_DB for storage=postgres and --db postgres" in message
+
+
 @pytest.mark.parametrize(
     "url, expected",
     [
