@@ -5,7 +5,9 @@
 
 Training already does this over the held-out texts; run it again for more tokens or other example
 settings. It reloads the run's model and SAE, harvests activations exactly as the run did, and replaces
-the run's feature statistics and examples in the database (`explore` then shows the new ones).
+the run's feature statistics and examples in the database (`explore` then shows the new ones), and
+makes the run's exports again from them (SAELens sparsity, Neuronpedia package, dashboards), so no file
+in the run folder describes the analysis it replaced.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from pathlib import Path
 
 import torch
 
 from midisc.analysis.features import frequency_bins
 from midisc.cli import UsageError, add_db_argument, db_hint, make_console, open_store, run_tool
 from midisc.data import lm
-from midisc.training.finish import analyze_features, record_analysis
+from midisc.training.finish import analyze_features, record_analysis, republish
 from midisc.training.reopen import open_run
 
 
@@ -66,11 +69,19 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as err:  # bad example options: name them
             raise UsageError(str(err)) from None
         written = record_analysis(store, run.id, analysed)
+        # The run's exports were made from the rows just replaced: make them again, or they would contradict them.
+        exports = None
+        if run.row["status"] == "completed" and Path(run.row["output_dir"]).is_dir():
+            exports = republish(store, run, source, neuronpedia=bool((run.config.get("export") or {})
+                                                                     .get("neuronpedia", True)))
     result = analysed.analysis
     bins = frequency_bins(result.stats.frequency.tolist())
     console.print(f"run {run.id}: analysed {result.stats.n_tokens:,} tokens in {len(ctx)} contexts "
                   f"in {time.time() - started:.0f}s; stored {run.sae.d_sae:,} features and {written:,} examples")
     console.print("features by firing frequency: " + "  ".join(f"{k} {v}" for k, v in bins.items()))
+    if exports is not None:
+        console.print(f"exports made again from the new analysis: {exports.saelens}"
+                      + "".join(f", {p}" for p in (exports.package, exports.dashboard) if p))
     console.print(f"next: python -m midisc.explore top {run.id}{db_hint(args)}")
     return 0
 

@@ -19,10 +19,8 @@ from pathlib import Path
 
 from midisc.cli import UsageError, add_db_argument, db_hint, make_console, open_store, run_tool
 from midisc.data import lm
-from midisc.publish.publication import FeatureTable, Publication, run_info
-from midisc.store import Store
-from midisc.training.finish import publish
-from midisc.training.reopen import OpenedRun, open_run
+from midisc.training.finish import republish
+from midisc.training.reopen import open_run
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -37,48 +35,24 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def feature_table(store: Store, run: OpenedRun, db: str) -> FeatureTable:
-    rows = store.features(run.id)
-    if len(rows) != run.sae.d_sae:
-        raise UsageError(f"run {run.id} has {len(rows)} feature rows for {run.sae.d_sae} features; "
-                         f"run python -m midisc.analyze {run.id}{db} first")
-    analysed = (run.row.get("metrics") or {}).get("analysed_tokens")
-    return FeatureTable.of([r["frequency"] for r in rows], [r["mean_activation"] for r in rows],
-                           [r["max_activation"] for r in rows], [r["is_dead"] for r in rows], int(analysed or 0))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     console = make_console()
     started = time.time()
+    if args.features_per_batch is not None and args.features_per_batch < 1:
+        raise UsageError(f"--features-per-batch={args.features_per_batch} must be at least 1")
     with open_store(args.db) as store:
         run = open_run(store, args.run)
         if run.row["status"] != "completed":
             raise UsageError(f"run {run.id} is {run.row['status']}; only completed runs are exported")
-        export = {"neuronpedia": True, "set_name": None, "features_per_batch": 128, "output_tokens": 10,
-                  **(run.config.get("export") or {})}
-        set_name = args.set_name or export["set_name"]
-        per_batch = args.features_per_batch or export["features_per_batch"]
-        if per_batch < 1:
-            raise UsageError(f"--features-per-batch={per_batch} must be at least 1")
         source = None
         if not args.no_model:
             try:
                 source = run.recipe.open()
             except lm.ModelError as err:
                 raise lm.ModelError(f"{err}; with --no-model the dashboards are skipped") from None
-        n_layers = source.n_layers() if source else 0
-        pub = Publication(sae=run.sae, run_id=run.id, metrics=run.row.get("metrics") or {},
-                          features=feature_table(store, run, db_hint(args)), examples=store.feature_examples(run.id),
-                          set_name=set_name, **run_info(run.config, run.row["hook"], n_layers))
-    acts = []
-    if source is not None:
-        acts = [chunk.acts for chunk in source.chunks(source.heldout_contexts(), progress="activation histograms")]
-    out = Path(args.out or run.row["output_dir"])
-    # Into the run's own folder the recorded weights stay untouched (their checksum is on record).
-    same = (out / "sae").resolve() == run.sae_dir.resolve()
-    written = publish(pub, out, acts, source, neuronpedia=True, features_per_batch=per_batch,
-                      output_tokens=export["output_tokens"], weights=not same)
+        written = republish(store, run, source, args.out, set_name=args.set_name,
+                            features_per_batch=args.features_per_batch, db=db_hint(args))
     console.print(f"run {run.id} exported in {time.time() - started:.0f}s")
     console.print(f"  SAELens folder:      {written.saelens}")
     console.print(f"  Neuronpedia package: {written.package}")

@@ -3,7 +3,8 @@
     .hydra/                      Hydra's composed config and overrides (passwords redacted)
     train.log                    the run's log (a resume appends to it)
     sae/                         SAE_FOLDER: the SAELens v6 folder, CFG_FILENAME, WEIGHTS_FILENAME, SPARSITY_FILENAME
-    run-<id>_neuronpedia/        the Neuronpedia package: METADATA, DECODER, ANALYSIS and MODEL_FILENAME
+    run-<id>_neuronpedia/        run-<id> + PACKAGE_SUFFIX, the Neuronpedia package: METADATA, DECODER, ANALYSIS and
+                                 MODEL_FILENAME
     exports/<model>/<source>/    EXPORTS_FOLDER: the dashboard files Neuronpedia's importer reads
     probe.safetensors            PROBE_FILENAME: vectors and outputs `verify` reproduces
     curves.csv                   CURVES_FILENAME: per-step training metrics
@@ -22,6 +23,7 @@ from midisc.store.journal import PENDING_FILENAME
 
 SAE_FOLDER = "sae"
 SPARSITY_FILENAME = "sparsity.safetensors"
+PACKAGE_SUFFIX = "_neuronpedia"
 EXPORTS_FOLDER = "exports"
 METADATA_FILENAME = "neuronpedia_metadata.json"
 DECODER_FILENAME = "decoder_weights.npy"
@@ -39,5 +41,5 @@ LOCK_FILENAME = ".running.lock"
 
 __all__ = ["ANALYSIS_FILENAME", "CFG_FILENAME", "CHECKPOINT_DIR", "CURVES_FILENAME", "DAMAGED_SUFFIX",
            "DECODER_FILENAME", "EVALUATION_FILENAME", "EXPORTS_FOLDER", "LAST", "LOCK_FILENAME", "METADATA_FILENAME",
-           "MODEL_FILENAME", "PENDING_FILENAME", "PREVIOUS", "PROBE_FILENAME", "REPORT_FILENAME", "SAE_FOLDER",
+           "MODEL_FILENAME", "PACKAGE_SUFFIX", "PENDING_FILENAME", "PREVIOUS", "PROBE_FILENAME", "REPORT_FILENAME", "SAE_FOLDER",
            "SPARSITY_FILENAME", "WEIGHTS_FILENAME"]

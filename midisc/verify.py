@@ -29,8 +29,8 @@ from midisc.cli import UsageError, add_db_argument, db_hint, make_console, make_
 from midisc.analysis.metrics import reconstruction_metrics
 from midisc.training.reopen import RunError, open_run
 from midisc.store import Store, StoreError
-from midisc.run_folder import (ANALYSIS_FILENAME, CFG_FILENAME, CURVES_FILENAME, EXPORTS_FOLDER, PROBE_FILENAME,
-                               REPORT_FILENAME, SAE_FOLDER)
+from midisc.run_folder import (ANALYSIS_FILENAME, CFG_FILENAME, CURVES_FILENAME, EXPORTS_FOLDER, PACKAGE_SUFFIX,
+                               PROBE_FILENAME, REPORT_FILENAME, SAE_FOLDER)
 
 PLOTS_FOLDER = "plots"
 
@@ -88,7 +88,7 @@ def make_target(args: argparse.Namespace, store: Store | None) -> tuple[Target, 
     if not sae_dir.is_dir():
         raise UsageError(f"no SAE folder at {sae_dir}; is {output_dir} a midisc run folder?")
     export = ((run or {}).get("config") or {}).get("export") or {}
-    target = Target(output_dir=output_dir, sae_dir=sae_dir, package_dir=_one(output_dir, "*_neuronpedia"),
+    target = Target(output_dir=output_dir, sae_dir=sae_dir, package_dir=_one(output_dir, f"*{PACKAGE_SUFFIX}"),
                     dashboard_dir=_dashboard(output_dir, sae_dir),
                     expect_neuronpedia=export.get("neuronpedia", True), run=run, saved=saved,
                     features=store.features(run["id"]) if run else None, db=db_hint(args))
@@ -136,14 +136,15 @@ def visualize(target: Target, store: Store | None) -> list[Path]:
 def package(target: Target, run: dict | None) -> Path:
     name = f"run-{run['id']}" if run else target.output_dir.name
     path = target.output_dir / f"{name}_publish.tar.gz"
-    members = [target.sae_dir, target.package_dir, target.dashboard_dir and target.output_dir / EXPORTS_FOLDER,
-               target.output_dir / PLOTS_FOLDER, target.output_dir / REPORT_FILENAME,
-               target.output_dir / PROBE_FILENAME]
+    # The one set that was verified: the dashboards the SAE's cfg.json names, not every set under exports/.
+    members = [target.sae_dir, target.package_dir, target.dashboard_dir, target.output_dir / PLOTS_FOLDER,
+               target.output_dir / REPORT_FILENAME, target.output_dir / PROBE_FILENAME]
     partial = path.with_suffix(".partial")
     with tarfile.open(partial, "w:gz") as tar:
         for member in members:
             if member is not None and member.exists():
-                tar.add(member, arcname=f"{name}/{member.name}")
+                inside = member.relative_to(target.output_dir) if member.is_relative_to(target.output_dir) else member.name
+                tar.add(member, arcname=f"{name}/{inside}")
     partial.replace(path)  # never a half-written archive under the final name
     return path
 

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from midisc import analyze, explore, verify
 from midisc.cli import run_tool
 from midisc.export import main as export_main
+from midisc.store import Store
 
 
 def checks(capsys, *args):
@@ -133,11 +134,15 @@ def test_export_rewrites_the_files_and_leaves_the_recorded_weights(published, ca
     weights = (out / "sae" / "sae_weights.safetensors").read_bytes()
     shutil.rmtree(next(out.glob("*_neuronpedia")))
     assert export_main([str(run_id), "--db", url, "--set-name", "res-test"]) == 0
-    assert "res-test" in capsys.readouterr().out and len(list(out.glob("exports/*/*"))) == 2
+    (dashboards,) = out.glob("exports/*/*")  # the new set replaced the one it supersedes
+    assert "res-test" in capsys.readouterr().out and dashboards.name.endswith("res-test")
     assert (out / "sae" / "sae_weights.safetensors").read_bytes() == weights
-    code, results, _ = checks(capsys, run_id, "--db", url, "--no-model")
-    assert code == 0, results  # the dashboard checked is the one cfg.json names, not the stale one
+    code, results, _ = checks(capsys, run_id, "--db", url, "--no-model", "--package")
+    assert code == 0, results
     assert results["files present"]["status"] == "PASS"
+    with tarfile.open(next(out.glob("run-*_publish.tar.gz"))) as tar:
+        sets = {"/".join(n.split("/")[1:4]) for n in tar.getnames() if n.split("/")[1] == "exports" and n.count("/") > 3}
+    assert sets == {str(dashboards.relative_to(out))}
     assert export_main([str(run_id), "--db", url, "--out", str(tmp_path / "elsewhere"), "--no-model"]) == 0
     assert (tmp_path / "elsewhere" / "sae" / "sae_weights.safetensors").read_bytes() == weights
     assert not (tmp_path / "elsewhere" / "exports").exists()
@@ -152,6 +157,19 @@ def test_statistics_replaced_after_export_are_reported_stale_until_exported_agai
     capsys.readouterr()
     code, results, _ = checks(capsys, run_id, "--db", url, "--no-model")
     assert code == 0, results
+
+
+def test_a_reanalysis_makes_the_exports_again_so_nothing_in_the_folder_is_stale(published, capsys):
+    out, url, run_id = published
+    metadata = out / f"run-{run_id}_neuronpedia" / "neuronpedia_metadata.json"
+    before = json.loads(metadata.read_text())["analysed_tokens"]
+    assert analyze.main([str(run_id), "--tokens", "3000", "--db", url]) == 0
+    assert "exports made again from the new analysis" in capsys.readouterr().out
+    with Store(url) as store:
+        analysed = store.get_run(run_id)["metrics"]["analysed_tokens"]
+    assert analysed != before and json.loads(metadata.read_text())["analysed_tokens"] == analysed
+    code, results, _ = checks(capsys, run_id, "--db", url, "--no-model")
+    assert code == 0, {k: v for k, v in results.items() if v["status"] == "FAIL"}
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbled header"])

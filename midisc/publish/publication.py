@@ -13,7 +13,7 @@ import torch
 from midisc.analysis import profiles
 from midisc.analysis.profiles import Histograms, OutputEffects
 from midisc.sae import SparseAutoencoder
-from midisc.run_folder import EXPORTS_FOLDER
+from midisc.run_folder import EXPORTS_FOLDER, PACKAGE_SUFFIX
 
 # A few held-out vectors and the SAE's outputs on them at the end of training: `verify` reloads the
 # published folder and must reproduce them.
@@ -129,7 +129,7 @@ def dashboard_dir(output_dir: Path, pub: Publication) -> Path:
 
 
 def package_dir(output_dir: Path, pub: Publication) -> Path:
-    return Path(output_dir) / f"{pub.name}_neuronpedia"
+    return Path(output_dir) / f"{pub.name}{PACKAGE_SUFFIX}"
 
 
 def add_profiles(pub: Publication, batches: Sequence[torch.Tensor], unembed: torch.Tensor | None,

@@ -159,6 +159,17 @@ class Store(FindingsMixin):
                     if name in metrics:
                         setattr(run, name, finite_or_none(metrics[name], f"metric {name!r}"))
 
+    def update_metrics(self, run_id: int, metrics: dict[str, float]) -> None:
+        """Merge `metrics` into the run's final metrics: what a later analysis or evaluation measured again
+        (analysed_tokens, the spliced-in scores), so the run's record and every export made from it agree."""
+        clean = finite_json(metrics, "metrics")
+        with self._sessions.begin() as session:
+            run = self._run(session, run_id)
+            run.metrics = {**(run.metrics or {}), **clean}
+            for name in HEADLINE_METRICS:
+                if name in metrics:
+                    setattr(run, name, finite_or_none(metrics[name], f"metric {name!r}"))
+
     def reopen_run(self, run_id: int) -> None:
         """Mark a failed, interrupted or killed run as running again, for a resume into the same run."""
         with self._sessions.begin() as session:

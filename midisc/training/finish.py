@@ -23,11 +23,12 @@ from midisc.analysis.saebench import EVAL_TYPE, core_report, headline, reconstru
 from midisc.analysis.splice import splice_totals
 from midisc.data.activations import ContextChunk
 from midisc.data.recipe import Source
-from midisc.publish.publication import FeatureTable, Publication, add_profiles, write_probe
+from midisc.publish.publication import FeatureTable, Publication, add_profiles, run_info, write_probe
 from midisc.publish.write import Written, sha256, write_all
-from midisc.run_folder import EVALUATION_FILENAME, PROBE_FILENAME, WEIGHTS_FILENAME
+from midisc.run_folder import EVALUATION_FILENAME, PROBE_FILENAME, SAE_FOLDER, WEIGHTS_FILENAME
 from midisc.sae import SparseAutoencoder
 from midisc.store import Store
+from midisc.training.reopen import OpenedRun, RunError
 
 SPLICE_BATCH = 8  # contexts per spliced forward: three vocab-wide logit tensors of this many are held at once
 
@@ -54,13 +55,16 @@ def analyze_features(sae: SparseAutoencoder, chunks: Iterable[ContextChunk], dec
 
 
 def record_analysis(store: Store | None, run_id: int | None, analysed: Analysed) -> int:
-    """One statistics row and its example rows per feature, replacing the run's earlier ones. Returns examples."""
+    """One statistics row and its example rows per feature, replacing the run's earlier ones, and the tokens they
+    were measured on in the run's metrics (which the exports publish). Returns examples."""
     if store is None:
         return 0
     stats = analysed.analysis.stats
     store.add_features(run_id, stats.frequency.tolist(), stats.mean_activation.tolist(),
                        stats.max_activation.tolist(), analysed.is_dead)
-    return store.add_feature_examples(run_id, analysed.examples)
+    written = store.add_feature_examples(run_id, analysed.examples)
+    store.update_metrics(run_id, {"analysed_tokens": float(stats.n_tokens)})
+    return written
 
 
 # --- evaluate: SAEBench's core evaluation -----------------------------------------------------------
@@ -91,6 +95,8 @@ def record_evaluation(store: Store | None, run_id: int | None, folder: Path, rep
     if store is not None:
         tokens = report["eval_result_metrics"]["token_stats"]["total_tokens_eval_reconstruction"]
         store.add_evaluation(run_id, EVAL_TYPE, tokens, report)
+        scores = headline(report)  # the run's headline spliced-in scores are the latest evaluation's
+        store.update_metrics(run_id, {k: scores[k] for k in ("ce_loss_score", "kl_div_score") if scores[k] is not None})
 
 
 # --- publish: the SAELens folder, the Neuronpedia package, the dashboards -------------------------------
@@ -101,6 +107,39 @@ def publish(pub: Publication, out: Path, acts: Sequence[torch.Tensor], source: S
     if neuronpedia and source is not None:
         add_profiles(pub, acts, source.unembedding(), source.tokens.decode(), n_tokens=output_tokens)
     return write_all(pub, out, neuronpedia=neuronpedia, weights=weights, features_per_batch=features_per_batch)
+
+
+EXPORT_DEFAULTS = {"neuronpedia": True, "set_name": None, "features_per_batch": 128, "output_tokens": 10}
+
+
+def republish(store: Store, run: OpenedRun, source: Source | None, out: Path | None = None, *,
+              set_name: str | None = None, features_per_batch: int | None = None, neuronpedia: bool = True,
+              db: str = "") -> Written:
+    """Publish a recorded run again from its rows (statistics, examples, the analysed tokens in its metrics), into
+    its own folder unless `out` says otherwise: after a re-analysis, a new set name, or for an older run.
+    The dashboards' activation histograms are measured again over the held-out texts when `source` is given.
+    `db` ends the command a refusal suggests (the ` --db …` of the run's database)."""
+    export = {**EXPORT_DEFAULTS, **(run.config.get("export") or {})}
+    rows = store.features(run.id)
+    if len(rows) != run.sae.d_sae:
+        raise RunError(f"run {run.id} has {len(rows)} feature rows for {run.sae.d_sae} features; "
+                       f"analyse it first: python -m midisc.analyze {run.id}{db}")
+    metrics = store.get_run(run.id).get("metrics") or {}  # read now: an analysis may just have changed it
+    table = FeatureTable.of([r["frequency"] for r in rows], [r["mean_activation"] for r in rows],
+                            [r["max_activation"] for r in rows], [r["is_dead"] for r in rows],
+                            int(metrics.get("analysed_tokens") or 0))
+    pub = Publication(sae=run.sae, run_id=run.id, metrics=metrics, features=table,
+                      examples=store.feature_examples(run.id), set_name=set_name or export["set_name"],
+                      **run_info(run.config, run.row["hook"], source.n_layers() if source else 0))
+    acts = []
+    if source is not None:
+        acts = [chunk.acts for chunk in source.chunks(source.heldout_contexts(), progress="activation histograms")]
+    out = Path(out or run.row["output_dir"])
+    # Into the run's own folder the recorded weights stay untouched (their checksum is on record).
+    same = (out / SAE_FOLDER).resolve() == run.sae_dir.resolve()
+    return publish(pub, out, acts, source, neuronpedia=neuronpedia,
+                   features_per_batch=features_per_batch or export["features_per_batch"],
+                   output_tokens=export["output_tokens"], weights=not same)
 
 
 def record_sae(store: Store | None, run_id: int | None, sae: SparseAutoencoder, written: Written) -> None:
