@@ -42,7 +42,7 @@ def smollm2(n_contexts: int):
     m = OmegaConf.load(REPO / "conf/model/smollm2.yaml")
     loaded = lm.load_model(m.name, gguf_package=m.gguf_package, gguf_file=m.gguf_file, device_map=None)
     data = OmegaConf.to_container(OmegaConf.load(REPO / "conf/data/bbc.yaml"))
-    texts, _ = corpus.train_heldout(data, seed=0, max_samples=max(40, n_contexts // 2))
+    texts = corpus.train_heldout(data, seed=0, max_samples=max(40, n_contexts // 2)).train
     return loaded, texts, m.separator, (8, 15)
 
 

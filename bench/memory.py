@@ -52,7 +52,7 @@ def document_tokens(overrides: list[str]) -> list[int]:
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     m = cfg.model
-    texts, _ = corpus.train_heldout(OmegaConf.to_container(cfg.data, resolve=True), cfg.seed, max_samples=10**9)
+    texts = corpus.train_heldout(OmegaConf.to_container(cfg.data, resolve=True), cfg.seed, max_samples=10**9).train
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(lm.model_source(m.name, m.gguf_package, m.gguf_file))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ import torch
 from midisc.analysis.features import frequency_bins
 from midisc.cli import UsageError, add_db_argument, db_hint, make_console, open_store, run_tool
 from midisc.data import lm
+from midisc.data.activations import ContextChunk
 from midisc.training.finish import analyze_features, record_analysis, republish
 from midisc.training.reopen import open_run
 
@@ -35,6 +37,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--n-quantile", type=int, default=None, help="sampled examples per feature (default: the run's)")
     add_db_argument(parser)
     return parser.parse_args(argv)
+
+
+def keeping_heldout(chunks: Iterator[ContextChunk], n_heldout: int, kept: list[torch.Tensor]) -> Iterator[ContextChunk]:
+    """`chunks`, passed on, with the activations of the first `n_heldout` contexts (the held-out texts) kept."""
+    for chunk in chunks:
+        inside = min(len(chunk.tokens), n_heldout - chunk.first)
+        if inside > 0:
+            kept.append(chunk.acts[: int(chunk.keep[:inside].sum())])
+        yield chunk
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             raise lm.ModelError(f"run {run.id} needs its model to be analysed again: {err}") from None
         train_texts, heldout_texts = run.recipe.texts()
         ctx = source.tokens.pack(heldout_texts)
+        n_heldout = len(ctx)
         if args.tokens is not None:
             wanted = math.ceil(args.tokens / run.config["context_size"])
             if wanted > len(ctx):  # only then pay for tokenising the training texts
@@ -63,16 +75,17 @@ def main(argv: list[str] | None = None) -> int:
         known = store.features(run.id)
         # Dead means "no firing in training's last window" when training said so; else never fired here.
         dead = [f["is_dead"] for f in known] if len(known) == run.sae.d_sae else None
+        heldout_acts: list[torch.Tensor] = []  # the exports' histograms reuse them: one forward fewer
+        chunks = keeping_heldout(source.chunks(ctx, progress="feature analysis"), n_heldout, heldout_acts)
         try:
-            analysed = analyze_features(run.sae, source.chunks(ctx, progress="feature analysis"),
-                                        source.tokens.decode(), options, dead)
+            analysed = analyze_features(run.sae, chunks, source.tokens.decode(), options, dead)
         except ValueError as err:  # bad example options: name them
             raise UsageError(str(err)) from None
         written = record_analysis(store, run.id, analysed)
         # The run's exports were made from the rows just replaced: make them again, or they would contradict them.
         exports = None
         if run.row["status"] == "completed" and Path(run.row["output_dir"]).is_dir():
-            exports = republish(store, run, source, neuronpedia=bool((run.config.get("export") or {})
+            exports = republish(store, run, source, heldout_acts if len(ctx) >= n_heldout else None, neuronpedia=bool((run.config.get("export") or {})
                                                                      .get("neuronpedia", True)))
     result = analysed.analysis
     bins = frequency_bins(result.stats.frequency.tolist())

@@ -227,6 +227,8 @@ def _check_data(cfg: DictConfig) -> None:
             _text(cfg, f"data.{key}")
     if "config_name" in cfg.data:
         _text(cfg, "data.config_name", optional=True)
+    if "dedupe" in cfg.data:
+        _bool(cfg, "data.dedupe")
     if "encoding" in cfg.data:
         _encoding(cfg, "data.encoding")
 

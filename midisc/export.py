@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                 source = run.recipe.open()
             except lm.ModelError as err:
                 raise lm.ModelError(f"{err}; with --no-model the dashboards are skipped") from None
-        written = republish(store, run, source, args.out, set_name=args.set_name,
+        written = republish(store, run, source, out=args.out, set_name=args.set_name,
                             features_per_batch=args.features_per_batch, db=db_hint(args))
     console.print(f"run {run.id} exported in {time.time() - started:.0f}s")
     console.print(f"  SAELens folder:      {written.saelens}")

@@ -66,6 +66,8 @@ class Result:
     sae: torch.nn.Module
     frequency_bins: dict[str, int]  # features per firing-frequency bin, over the held-out tokens
     dead_window: int = 0            # training tokens without firing after which a feature counts as dead
+    texts: int = 0                  # training texts
+    duplicates: int = 0             # texts dropped before the split, their content repeating an earlier one
 
 
 def recorded_config(cfg: DictConfig) -> dict:
@@ -76,7 +78,7 @@ def recorded_config(cfg: DictConfig) -> dict:
     return data
 
 
-def load_corpus(cfg: DictConfig) -> tuple[list[str], list[str]]:
+def load_corpus(cfg: DictConfig) -> corpus.Split:
     return corpus.train_heldout(OmegaConf.to_container(cfg.data, resolve=True), cfg.seed, cfg.max_samples)
 
 
@@ -147,7 +149,7 @@ def resumed_config(cfg: DictConfig) -> tuple[DictConfig, Path]:
     return stored, Path(run["output_dir"])
 
 
-def plan(cfg: DictConfig, hook: str, run_id: int | None, n_train: int, n_heldout: int) -> str:
+def plan(cfg: DictConfig, hook: str, run_id: int | None, split: corpus.Split) -> str:
     """What the run is about to do, in the few lines that open its log."""
     settings = "  ".join(f"{k}={v}" for k, v in cfg.sae.items() if k != "_target_")
     optimizer = "  ".join(f"{k}={v}" for k, v in cfg.optimizer.items() if not k.startswith("_"))
@@ -155,8 +157,8 @@ def plan(cfg: DictConfig, hook: str, run_id: int | None, n_train: int, n_heldout
     head = f"run {run_id}" if run_id is not None else "run (storage=none)"
     return "\n".join([
         f"{head}: {get_class(cfg.sae._target_).architecture} SAE ({settings}) on {hook} of {cfg.model.name}",
-        f"  data:       {data}: {n_train} training and {n_heldout} held-out texts, contexts of {cfg.context_size} "
-        "tokens",
+        f"  data:       {data}: {len(split.train)} training and {len(split.heldout)} held-out texts "
+        f"({split.duplicates} duplicate texts dropped before the split), contexts of {cfg.context_size} tokens",
         f"  training:   {cfg.epochs} epoch(s) in batches of {cfg.batch_size:,}; optimizer {optimizer}; seed {cfg.seed}",
         f"  database:   {redact_url(cfg.storage.url) if cfg.storage.url else 'none'}"])
 
@@ -165,7 +167,8 @@ def train(cfg: DictConfig, output_dir: Path) -> Result:
     started = time.time()
     try:  # refusals: nothing has started, and a folder Hydra made for the run goes again
         check_config(cfg)
-        train_texts, heldout_texts = load_corpus(cfg)
+        split = load_corpus(cfg)
+        train_texts, heldout_texts = split.train, split.heldout
         store = Store(cfg.storage.url) if cfg.storage.url else None
 
         m = cfg.model
@@ -204,7 +207,7 @@ def train(cfg: DictConfig, output_dir: Path) -> Result:
                                  architecture=get_class(cfg.sae._target_).architecture, config=recorded_config(cfg),
                                  output_dir=str(output_dir), sweep_id=sweep_id, overrides=overrides)
         store = Journal(store, output_dir / PENDING_FILENAME, run_id)
-    log.info(plan(cfg, hook, run_id, len(train_texts), len(heldout_texts)))
+    log.info(plan(cfg, hook, run_id, split))
     try:
         result = _fit(cfg, output_dir, store, run_id, hook, train_texts, heldout_texts, resume_from)
     except (KeyboardInterrupt, SystemExit) as stop:  # Lightning turns Ctrl-C into SystemExit(1)
@@ -224,6 +227,7 @@ def train(cfg: DictConfig, output_dir: Path) -> Result:
         raise
     else:
         result.seconds = time.time() - started
+        result.texts, result.duplicates = len(train_texts), split.duplicates
         if store:
             store.finish_run(run_id, "completed", metrics=result.metrics)
     finally:
@@ -339,7 +343,8 @@ def summary(result: Result, db_url: str | None) -> str:
              f"  dead:       {100 * m['dead_frac']:.2f}% of features not fired in the last {result.dead_window:,} "
              f"training tokens ({int(m['alive_features']):,} alive); {result.frequency_bins['never']:,} never fired "
              f"on the {int(m['analysed_tokens']):,} held-out tokens",
-             f"  trained on: {int(m['n_tokens']):,} activation vectors per epoch",
+             f"  trained on: {int(m['n_tokens']):,} activation vectors per epoch, from {result.texts:,} texts "
+             f"({result.duplicates} duplicate texts dropped before the split)",
              *([f"  spliced in: CE loss recovered {m['ce_loss_score']:.3f}  KL score {m['kl_div_score']:.3f} "
                 "(SAEBench core, evaluation_core.json)"] if "ce_loss_score" in m and "kl_div_score" in m else []),
              "  features by firing frequency (held-out tokens): "

@@ -127,3 +127,22 @@ def test_explorer_on_postgres(tmp_path, tiny_llama, text_folder, postgres_url, c
     assert row["id"] == result.run_id
     rows = json.loads(call(capsys, explore, "top", result.run_id, "--n", "3", "--json", "--db", postgres_url))
     assert len(rows) == 3 and all(r["example"] for r in rows)
+
+
+def test_the_analysis_keeps_the_heldout_activations_for_the_exports_whatever_the_chunk_edges():
+    import torch
+
+    from midisc.data.activations import ContextChunk
+
+    keep = torch.rand(10, 6) > 0.3
+    acts = torch.randn(int(keep.sum()), 3)
+    rows = keep.sum(1).cumsum(0).tolist()
+    chunks, start = [], 0
+    for first in range(0, 10, 4):  # contexts 0-3, 4-7, 8-9; the first 5 are held out
+        end = rows[min(first + 4, 10) - 1]
+        chunks.append(ContextChunk(tokens=torch.zeros(min(4, 10 - first), 6, dtype=torch.long),
+                                   keep=keep[first:first + 4], acts=acts[start:end], first=first))
+        start = end
+    kept = []
+    assert list(analyze.keeping_heldout(iter(chunks), 5, kept)) == chunks
+    assert torch.equal(torch.cat(kept), acts[: rows[4]])

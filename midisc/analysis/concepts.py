@@ -27,8 +27,6 @@ from midisc.data.lm import capture
 from midisc.sae import SparseAutoencoder
 
 CONCEPT_DIR = Path(__file__).resolve().parents[2] / "concept_modules"
-# Pairwise comparisons held at once by the AUROC: n_concept × n_contrast × this many features.
-_AUROC_ELEMENTS = 1 << 24
 
 
 class ConceptError(ValueError):
@@ -113,12 +111,14 @@ def selectivity(concept: torch.Tensor, contrast: torch.Tensor) -> Selectivity:
     if not len(concept) or not len(contrast):
         raise ConceptError(f"a concept test needs texts on both sides; got {len(concept)} concept and "
                            f"{len(contrast)} contrast texts")
-    d_sae = concept.shape[1]
-    step = max(1, _AUROC_ELEMENTS // (len(concept) * len(contrast)))
-    wins = torch.empty(d_sae, dtype=torch.float64)
-    for f in range(0, d_sae, step):
-        c, o = concept[:, None, f:f + step], contrast[None, :, f:f + step]
-        wins[f:f + step] = (c > o).sum((0, 1), dtype=torch.float64) + 0.5 * (c == o).sum((0, 1), dtype=torch.float64)
+    # Mann-Whitney: each concept text wins over the contrast texts below it and half the ones equal to it, counted
+    # by binary search in each feature's sorted contrast column: O(n log n) per feature, not n_concept × n_contrast
+    # comparisons (which took 25 of the 69 s of `concepts --all` on the default run).
+    ordered = contrast.T.contiguous().sort(dim=1).values  # [d_sae, n_o]
+    values = concept.T.contiguous()                       # [d_sae, n_c]
+    below = torch.searchsorted(ordered, values, right=False)
+    upto = torch.searchsorted(ordered, values, right=True)
+    wins = below.sum(1, dtype=torch.float64) + 0.5 * (upto - below).sum(1, dtype=torch.float64)
     return Selectivity(auroc=(wins / (len(concept) * len(contrast))).float(),
                        mean_concept=concept.mean(0), mean_contrast=contrast.mean(0),
                        fire_concept=(concept > 0).float().mean(0), fire_contrast=(contrast > 0).float().mean(0),

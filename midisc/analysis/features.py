@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from midisc.data.activations import ContextChunk
 from midisc.sae import SparseAutoencoder
@@ -99,6 +100,20 @@ class FeatureAnalysis:
     before: int       # window tokens before the max token
 
 
+def window_peaks(grid: torch.Tensor, radius: int) -> torch.Tensor:
+    """Where each feature's activation is the largest within `radius` tokens either side in its context (the
+    earliest of equal ones): [b, T, d_sae] -> bool of the same shape. Two peaks of a feature are more than
+    `radius` tokens apart, so windows of radius + 1 tokens around them never overlap."""
+    if radius < 1:
+        return grid > 0
+    rows = grid.permute(0, 2, 1)  # [b, d_sae, T]
+    length = rows.shape[2]
+    # Max over the `radius` tokens before (out[p]) and after (out[p + radius + 1]) each position.
+    out = F.max_pool1d(F.pad(rows, (radius, radius), value=-math.inf), kernel_size=radius, stride=1)
+    before, after = out[..., :length], out[..., radius + 1:radius + 1 + length]
+    return ((rows > before) & (rows >= after) & (rows > 0)).permute(0, 2, 1)
+
+
 class FeatureAnalyzer:
     """Feed it `ContextChunk`s (activations that know their contexts); `result()` gives the analysis."""
 
@@ -139,7 +154,10 @@ class FeatureAnalyzer:
         grid = codes.new_zeros(*tokens.shape, codes.shape[1])  # [b, T, d_sae]: 0 where nothing was kept
         grid[keep] = codes
         by_feature = codes.T  # [d_sae, n]
-        top = by_feature.topk(min(self.top.key.shape[1], len(codes)), dim=1)
+        # Top examples are the peaks of their windows: no two of a feature's windows share a token, so ten
+        # examples are ten uses, not one phrase seen through ten overlapping windows.
+        peaks = (grid * window_peaks(grid, len(self.offsets) - 1))[keep].T  # [d_sae, n]
+        top = peaks.topk(min(self.top.key.shape[1], len(codes)), dim=1)
         self._offer(self.top, top.values.masked_fill(top.values <= 0, -math.inf), top.indices, by_feature,
                     tokens, grid, ctx, pos, first)
         if self.n_quantile:

@@ -1,6 +1,7 @@
 """Text sources and packing: bundled BBC News, a local folder of .txt/.jsonl, or a Hugging Face dataset.
 
-Texts are split by document (held-out articles never appear in training) and then tokenised and packed
+Texts are split by document (held-out articles never appear in training; a text whose normalised content
+repeats an earlier one is dropped first, so no copy of a held-out article is trained on) and then tokenised and packed
 into contexts of fixed length, documents separated by one separator token, as language models were
 pretrained. The separator and position 0 carry huge activation norms and are dropped downstream.
 
@@ -11,11 +12,13 @@ warning line naming the first place it happened.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
 import random
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -266,25 +269,64 @@ def load_texts(source: str, *, package: str | None = None, subdir: str | None = 
     return texts
 
 
-def split_texts(texts: list[str], holdout: int, seed: int) -> tuple[list[str], list[str]]:
-    """Shuffle documents with `seed`, then the first `holdout` are held out: (train, held_out)."""
-    if holdout < 1 or holdout >= len(texts):
-        raise CorpusError(f"data.holdout_texts={holdout} must be between 1 and {len(texts) - 1} "
-                          f"(the corpus has {len(texts)} texts)")
+def content_key(text: str) -> bytes:
+    """What two copies of one document share: its words, case and spacing aside (re-crawled or re-filed copies
+    differ in those, as the BBC corpus's ~100 duplicated articles do)."""
+    return hashlib.blake2b(" ".join(text.casefold().split()).encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+def drop_duplicates(texts: list[str]) -> tuple[list[str], int]:
+    """`texts` with each repeat of an earlier text's content left out, in order; and how many were left out."""
+    seen: set[bytes] = set()
+    kept = []
+    for text in texts:
+        key = content_key(text)
+        if key not in seen:
+            seen.add(key)
+            kept.append(text)
+    return kept, len(texts) - len(kept)
+
+
+@dataclass
+class Split:
+    train: list[str]
+    heldout: list[str]
+    duplicates: int  # texts dropped before the split: their content repeats an earlier text's
+
+
+def split_texts(texts: list[str], holdout: int, seed: int, dedupe: bool = False) -> Split:
+    """Shuffle documents with `seed`, then the first `holdout` are held out and the rest train.
+
+    With `dedupe`, a text whose content repeats one earlier in the shuffled order is dropped before the split,
+    so no copy of a held-out document is trained on. Dropping after the shuffle keeps the order of the other
+    texts, so the split moves only where a duplicate was."""
     order = list(texts)
     random.Random(seed).shuffle(order)
-    return order[holdout:], order[:holdout]
+    duplicates = 0
+    if dedupe:
+        order, duplicates = drop_duplicates(order)
+    if holdout < 1 or holdout >= len(order):
+        raise CorpusError(f"data.holdout_texts={holdout} must be between 1 and {len(order) - 1} "
+                          f"(the corpus has {len(order)} distinct texts)")
+    return Split(order[holdout:], order[:holdout], duplicates)
 
 
-def train_heldout(data: dict, seed: int, max_samples: int) -> tuple[list[str], list[str]]:
-    """The training and held-out texts a data config (the `data:` group as plain values) describes."""
+def train_heldout(data: dict, seed: int, max_samples: int) -> Split:
+    """The training and held-out texts a data config (the `data:` group as plain values) describes.
+
+    `dedupe` is on in conf/data/; a run recorded before it existed lacks the key and reopens with the split
+    it was trained on."""
     data = dict(data)
     holdout = data.pop("holdout_texts")
+    dedupe = data.pop("dedupe", False)
     # Read just enough of a streamed dataset; local sources are read whole, then split by document.
     limit = max_samples + holdout if data["source"] == "hf" else None
     texts = load_texts(data.pop("source"), max_texts=limit, **data)
-    train_texts, heldout_texts = split_texts(texts, holdout, seed)
-    return train_texts[:max_samples], heldout_texts
+    split = split_texts(texts, holdout, seed, dedupe)
+    if split.duplicates:
+        log.warning("dropped %d text(s) whose content repeats an earlier one, before the train/held-out split "
+                    "(data.dedupe=false keeps them)", split.duplicates)
+    return Split(split.train[:max_samples], split.heldout, split.duplicates)
 
 
 # A fast tokenizer works on one document at a time, on one core, in memory that grows with it: a single

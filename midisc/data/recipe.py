@@ -2,7 +2,7 @@
 reopens a run, so the two cannot drift apart.
 
     recipe = Recipe.of(config, hook)          # the run's resolved config, as plain data
-    train_texts, heldout_texts = recipe.texts()
+    train_texts, heldout_texts = recipe.texts()     # split as the run split them
     tokens = recipe.tokens()                  # the tokenizer alone: cheap, checks the data before the weights
     source = recipe.open(tokens)              # the language model, stopped at the hooked module
     chunks = source.chunks(tokens.pack(heldout_texts), progress="held-out activations")
@@ -65,7 +65,8 @@ class Recipe:
 
     def texts(self) -> tuple[list[str], list[str]]:
         """(training texts, held-out texts), split as the run split them."""
-        return corpus.train_heldout(self.data, self.seed, self.max_samples)
+        split = corpus.train_heldout(self.data, self.seed, self.max_samples)
+        return split.train, split.heldout
 
     def tokens(self) -> Tokens:
         tokenizer = lm.load_tokenizer(self.model, gguf_package=self.gguf_package, gguf_file=self.gguf_file)

@@ -112,12 +112,14 @@ def publish(pub: Publication, out: Path, acts: Sequence[torch.Tensor], source: S
 EXPORT_DEFAULTS = {"neuronpedia": True, "set_name": None, "features_per_batch": 128, "output_tokens": 10}
 
 
-def republish(store: Store, run: OpenedRun, source: Source | None, out: Path | None = None, *,
+def republish(store: Store, run: OpenedRun, source: Source | None, heldout: list[torch.Tensor] | None = None,
+              out: Path | None = None, *,
               set_name: str | None = None, features_per_batch: int | None = None, neuronpedia: bool = True,
               db: str = "") -> Written:
     """Publish a recorded run again from its rows (statistics, examples, the analysed tokens in its metrics), into
     its own folder unless `out` says otherwise: after a re-analysis, a new set name, or for an older run.
-    The dashboards' activation histograms are measured again over the held-out texts when `source` is given.
+    The dashboards' activation histograms are measured over the held-out texts when `source` is given: over
+    `heldout`, their activations, when the caller has them, else harvested again.
     `db` ends the command a refusal suggests (the ` --db …` of the run's database)."""
     export = {**EXPORT_DEFAULTS, **(run.config.get("export") or {})}
     rows = store.features(run.id)
@@ -131,8 +133,8 @@ def republish(store: Store, run: OpenedRun, source: Source | None, out: Path | N
     pub = Publication(sae=run.sae, run_id=run.id, metrics=metrics, features=table,
                       examples=store.feature_examples(run.id), set_name=set_name or export["set_name"],
                       **run_info(run.config, run.row["hook"], source.n_layers() if source else 0))
-    acts = []
-    if source is not None:
+    acts = heldout or []
+    if source is not None and heldout is None:
         acts = [chunk.acts for chunk in source.chunks(source.heldout_contexts(), progress="activation histograms")]
     out = Path(out or run.row["output_dir"])
     # Into the run's own folder the recorded weights stay untouched (their checksum is on record).

@@ -75,6 +75,38 @@ def test_a_planted_features_top_examples_are_exactly_the_contexts_of_its_token()
         (r["context_index"], r["token_index"]) for r in top}
 
 
+def test_top_examples_never_share_a_token_of_their_windows():
+    # Feature 0 fires on a whole phrase (positions 3-8 of context 0, rising then falling) and once elsewhere.
+    tokens = torch.arange(40).view(2, 20) + 10
+    keep = torch.ones(2, 20, dtype=torch.bool)
+    acts = torch.zeros(2, 20, 4)
+    acts[0, 3:9, 0] = torch.tensor([1.0, 2.0, 5.0, 4.0, 3.0, 2.5])
+    acts[0, 15, 0] = 2.0   # 7 tokens after the phrase's peak: its window is clear of the peak's
+    acts[1, 10, 0] = 1.5
+    acts[1, 12, 0] = 1.5   # a tie within reach: the earlier one is kept
+    chunk = ContextChunk(tokens=tokens, keep=keep, acts=acts.view(-1, 4), first=0)
+    result = analyze(planted_sae(), [chunk], n_top=5, n_quantile=0, before=4, after=2)
+    top = [r for r in example_rows(result, lambda ids: [str(i) for i in ids]) if r["kind"] == "top"]
+    assert [(r["context_index"], r["token_index"], r["activation"]) for r in top] == [(0, 5, 5.0), (0, 15, 2.0),
+                                                                                     (1, 10, 1.5)]
+    # Statistics still count every firing token.
+    assert result.stats.frequency[0].item() == pytest.approx(9 / 40)
+
+
+def test_window_peaks_are_more_than_the_radius_apart():
+    torch.manual_seed(0)
+    grid = torch.relu(torch.randn(3, 50, 6))
+    peaks = features.window_peaks(grid, 5)
+    for b, f in ((b, f) for b in range(3) for f in range(6)):
+        where = peaks[b, :, f].nonzero().flatten().tolist()
+        assert all(q - p > 5 for p, q in zip(where, where[1:]))
+        for p in where:  # each is the largest within reach
+            assert grid[b, max(0, p - 5):p + 6, f].max() == grid[b, p, f]
+        # and the strongest activation of the row is always one
+        if grid[b, :, f].max() > 0:
+            assert int(grid[b, :, f].argmax()) in where
+
+
 def test_the_analysis_does_not_depend_on_how_contexts_are_chunked(monkeypatch):
     torch.manual_seed(1)
     sae = ReluSAE(4, expansion=4, seed=0)

