@@ -293,7 +293,7 @@ def misspelt_keys(argv: list[str], config_dir: str, config_name: str = "train") 
             continue
         parent, _, leaf = key.rpartition(".")
         node = OmegaConf.select(cfg, parent) if parent else cfg
-        if not isinstance(node, DictConfig) or leaf in node:
+        if not isinstance(node, DictConfig) or leaf in node.keys():  # (`in node` is False for a ??? value)
             continue  # an existing key set to null, or a path through a value
         near = difflib.get_close_matches(leaf, [str(k) for k in node], n=1)
         where = f"a key of {parent}" if parent else "a config key"

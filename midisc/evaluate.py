@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in report["midisc"].items():
         table.add_row("midisc", name, _cell(value))
     console.print(table)
+    tokens = report["eval_result_metrics"]["token_stats"]["total_tokens_eval_sparsity_variance"]
+    console.print(f"dead_frac: features that never fired on the {tokens:,} held-out tokens evaluated (training's dead, "
+                  "not fired in its last dead_window tokens, is in python -m midisc.explore list)")
     return 0
 
 

@@ -75,6 +75,7 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
                       r["hook"], r["architecture"], number(r["width"]), number(r["tokens"]), number(r["fvu"]),
                       number(r["l0"]), percent(r["dead_frac"]), "-" if alive is None else f"{int(alive):,}")
     console.print(table)
+    console.print(DEAD_IN_TABLES)
     return 0
 
 
@@ -115,6 +116,7 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
                       number(r["mse"]), percent(r["dead_frac"]), number(r["ce_loss_score"]),
                       number(r["kl_div_score"]), "*" if r["frontier"] else "")
     console.print(table)
+    console.print(DEAD_IN_TABLES)
     console.print(f"frontier plot (L0 vs FVU): {plot}" if points else "no finished runs yet: nothing to plot")
     return 0
 
@@ -122,6 +124,10 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
 def _default_plot(sweep_id: str) -> Path:
     folder = Path(sweep_id)
     return (folder if folder.is_dir() else Path.cwd()) / "frontier.png"
+
+
+# "dead" means three things in three places; the tables say which (evaluate's is SAEBench's, on held-out tokens).
+DEAD_IN_TABLES = "dead: features not fired in the run's last dead_window training tokens (its config's dead_window)"
 
 
 def _short_model(name: str) -> str:

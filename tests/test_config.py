@@ -218,3 +218,12 @@ def test_missing_required_paths_are_named():
     with pytest.raises(ConfigError, match="model.name is required"):
         check_config(compose_config(["model=tiny_llama"]))
 
+
+
+def test_misspelt_keys_accepts_keys_whose_value_is_still_missing():
+    from midisc.config import misspelt_keys
+
+    # data=local's path is ??? until given: a key that exists, not a typo
+    assert misspelt_keys(["data=local", "data.path=/texts", "-m", "sae.k=8,16"], str(CONF)) == []
+    assert misspelt_keys(["data=local", "data.pth=/texts"], str(CONF)) == [
+        "data.pth is not a key of data; did you mean data.path?"]

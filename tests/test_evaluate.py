@@ -92,6 +92,14 @@ def test_cli_evaluates_a_run_stores_and_writes_the_result(planted_run, capsys):
     assert row["eval_type"] == "core" and row["result"]["eval_result_metrics"] == metrics
     assert json.loads((folder / EVALUATION_FILENAME).read_text())["eval_result_metrics"] == metrics
     assert main([str(planted_run.run_id), "--db", planted_run.url, "--contexts", "4"]) == 0  # again: replaced
-    assert "ce_loss_score" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "ce_loss_score" in out
+    tokens = metrics["token_stats"]["total_tokens_eval_sparsity_variance"]
+    assert f"dead_frac: features that never fired on the {tokens:,} held-out tokens evaluated" in out
     with Store(planted_run.url) as store:
         assert len(store.evaluations(planted_run.run_id)) == 1
+        # the run's headline spliced-in scores are the latest evaluation's
+        recorded = store.get_run(planted_run.run_id)["metrics"] or {}
+    scores = {"ce_loss_score": ce["ce_loss_score"], "kl_div_score": metrics["model_behavior_preservation"]["kl_div_score"]}
+    assert any(v is not None for v in scores.values())
+    assert {k: recorded.get(k) for k in scores} == scores

@@ -52,6 +52,7 @@ def test_list_shows_the_run_and_filters(run, capsys):
     assert "no runs match" in call(capsys, explore, "list", "--model", "gpt2", "--db", run.url)
     table = call(capsys, explore, "list", "--db", run.url)
     assert "completed" in table and "model.layers.1" in table
+    assert table.strip().splitlines()[-1] == explore.DEAD_IN_TABLES  # which of the three meanings "dead" has here
 
 
 def test_analyze_reports_metrics_curve_bins_and_notes(run, capsys):
@@ -63,6 +64,7 @@ def test_analyze_reports_metrics_curve_bins_and_notes(run, capsys):
     text = call(capsys, explore, "analyze", run.run_id, "--db", run.url)
     for part in ("features by firing frequency", "by epoch", "final held-out metrics", "notes", "reconstruction"):
         assert part in text
+    assert any("dead" in note and "not fired in the last 2,048 training tokens" in note for note in report["notes"])
 
 
 def test_details_shows_examples_and_output_tokens(run, capsys):

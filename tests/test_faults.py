@@ -21,7 +21,7 @@ from midisc import train as train_mod
 from midisc.training.checkpoints import CheckpointError
 from midisc.db import main as db_main
 from midisc.training.module import NonFiniteLossError
-from midisc.store import Store, UnknownRunError
+from midisc.store import Store, UnknownRunError, storage_argument
 from midisc.train import train
 from proxy import Proxy
 from midisc.run_folder import CHECKPOINT_DIR, LAST, PENDING_FILENAME, PREVIOUS
@@ -364,7 +364,9 @@ def test_a_damaged_checkpoint_falls_back_to_the_one_before_and_then_says_how_to_
 def test_sigterm_stops_the_run_as_interrupted_naming_the_signal(tmp_path, tiny_llama, text_folder, monkeypatch):
     cfg = tiny_cfg(tiny_llama, text_folder, f"sqlite:///{tmp_path / 'runs.db'}", "epochs=2", "checkpoint_every=100")
     run = interrupted_run(monkeypatch, cfg, tmp_path / "run", 12, stop=lambda: os.kill(os.getpid(), signal.SIGTERM))
-    assert run["error"] == f"stopped by SIGTERM; continue with: python -m midisc.train resume={run['id']}"
+    # The hint names the database, so that run as printed it resumes this run, not one in the default database.
+    assert run["error"] == (f"stopped by SIGTERM; continue with: python -m midisc.train resume={run['id']}"
+                            f"{storage_argument(cfg.storage.url)}")
     assert (tmp_path / "run" / CHECKPOINT_DIR / LAST).is_file()  # saved on the way out, as on Ctrl-C
 
 

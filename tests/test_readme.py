@@ -49,8 +49,9 @@ def test_main_command_trains_the_default_sae_to_the_quality_bar(tmp_path):
     command = bash_blocks()[0].strip().split("&&")[-1].split()
     proc = run_cli(command[2:], cwd=tmp_path, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    fvu = float(re.search(r"FVU ([0-9.]+)", proc.stdout).group(1))
-    dead = float(re.search(r"dead ([0-9.]+)%", proc.stdout).group(1))
+    # The closing summary's figures, not the epoch lines printed before it.
+    fvu = float(re.search(r"held-out: +MSE [0-9.]+ +FVU ([0-9.]+)", proc.stdout).group(1))
+    dead = float(re.search(r"dead: +([0-9.]+)%", proc.stdout).group(1))
     assert fvu < 0.4 and dead < 10, proc.stdout
     store = Store(f"sqlite:///{tmp_path / 'outputs' / 'midisc.db'}")
     (run,) = store.list_runs()

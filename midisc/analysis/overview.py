@@ -58,13 +58,15 @@ def quality_notes(run: dict[str, Any], features: list[dict[str, Any]], db: str =
         else:
             notes.append(f"moderate reconstruction: FVU {fvu:.3f} (explains {100 * (1 - fvu):.0f}% of the variance)")
     if dead is not None:
+        window = (run.get("config") or {}).get("dead_window")
+        meaning = f"not fired in the last {window:,} training tokens" if window else "not fired in training's last window"
         if dead > DEAD_WARN:
-            notes.append(f"{100 * dead:.1f}% of features are dead (no firing in training's last window): try a lower "
-                         "learning rate, a smaller width, or an auxiliary loss for dead features")
+            notes.append(f"{100 * dead:.1f}% of features are dead ({meaning}): try a lower learning rate, a smaller "
+                         "width, or an auxiliary loss for dead features")
         elif dead == 0:
-            notes.append("no dead features")
+            notes.append(f"no dead features (none {meaning})")
         else:
-            notes.append(f"{100 * dead:.1f}% of features are dead, within the usual range")
+            notes.append(f"{100 * dead:.2f}% of features are dead ({meaning}), within the usual range")
     d_in = run.get("d_in")
     if l0 is not None and d_in and run["architecture"] in ("standard", "gated") and l0 > d_in / 4:
         notes.append(f"L0 {l0:.0f} is high for a sparse code of a {d_in}-dimensional input: raise sae.l1_coef")

@@ -92,6 +92,8 @@ def remove_unused_run_folder(folder: Path) -> bool:
         # Dropped, so that a later record (the error, written to the log too) opens no file in a removed folder.
         logging.getLogger().removeHandler(handler)
         logging.getLogger(FILE_ONLY).removeHandler(handler)
+    if not logging.getLogger(FILE_ONLY).handlers:  # else logging's last resort would print the record on stderr
+        logging.getLogger(FILE_ONLY).addHandler(logging.NullHandler())
     shutil.rmtree(folder / HYDRA_FILES, ignore_errors=True)
     for name in logs:
         (folder / name).unlink(missing_ok=True)
