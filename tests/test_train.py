@@ -3,15 +3,18 @@
 import csv
 import json
 import logging
+import os
 import shlex
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import open_dict
 
-from conftest import compose_config, run_cli, tiny_overrides
+from conftest import REPO, compose_config, run_cli, tiny_overrides
 from midisc import train as train_mod
 from midisc.publish.write import sha256
 from midisc.data.lm import ModelError
@@ -261,3 +264,18 @@ def test_a_misspelt_key_is_refused_in_one_line_with_a_suggestion(tmp_path, args,
     proc = run_cli(["midisc.train", *args, "storage=none"], cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip() == hint
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()
+
+
+@pytest.mark.slow
+def test_runs_launched_together_each_get_their_own_folder(tmp_path, tiny_llama, text_folder):
+    args = [sys.executable, "-m", *cli_args(tiny_llama, text_folder, tmp_path / "runs.db")]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # Started within a few milliseconds of each other, as four shells or `&` would.
+    procs = [subprocess.Popen(args + [f"seed={i}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(3)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-1500:] for _, err in outputs]
+    runs = Store(f"sqlite:///{tmp_path / 'runs.db'}").list_runs()
+    assert {r["status"] for r in runs} == {"completed"} and len({r["output_dir"] for r in runs}) == 3
+    folders = list(tmp_path.glob("outputs/*/*"))
+    assert len(folders) == 3 and all((f / "train.log").read_text() and (f / ".hydra").is_dir() for f in folders)

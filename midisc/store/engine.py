@@ -66,7 +66,7 @@ def _spelling(url: str) -> str | None:
         same = from_env = False
     if same:
         return None
-    if from_env and make_url(url).get_backend_name() == "postgresql":
+    if from_env and parse_url(url).get_backend_name() == "postgresql":
         return "postgres"
     shown = redact_url(url)
     return f"'{shown}'" + (" (your password in place of ***)" if shown != url else "")
@@ -125,12 +125,20 @@ def driver_message(error: BaseException) -> str:
     return lines[0] if lines else type(original).__name__
 
 
+# The spellings users paste (hosted databases and DATABASE_URL give postgres://) name no driver; SQLAlchemy 2.1
+# would pick psycopg 3, or know no `postgres` dialect at all. midisc ships psycopg2.
+DRIVERLESS = {"postgresql": "postgresql+psycopg2", "postgres": "postgresql+psycopg2"}
+
+
 def parse_url(url: str) -> URL:
-    """Parse `url`, or raise StoreError saying what a valid one looks like."""
+    """Parse `url`, or raise StoreError saying what a valid one looks like. A PostgreSQL URL without a driver
+    (`postgresql://`, `postgres://`) means the installed psycopg2."""
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError) as error:
         raise StoreError(f"malformed database URL {_mask_unparsed(url)!r} ({error}); {URL_HINT}") from None
+    if parsed.drivername in DRIVERLESS:
+        parsed = parsed.set(drivername=DRIVERLESS[parsed.drivername])
     if parsed.host and "@" in parsed.host:
         # The password ends at the first @, so the rest of it would be taken for the host and shown.
         raise StoreError(
@@ -192,7 +200,7 @@ def _enforce_sqlite_foreign_keys(engine: Engine) -> None:
 
 def connect(url: str) -> Engine:
     """An engine for `url` that has been shown to connect; StoreError (one line) otherwise."""
-    parsed = parse_url(url)
+    parsed = parse_url(url)  # postgresql:// and postgres:// are psycopg2's
     shown = parsed.render_as_string(hide_password=True)
     backend = parsed.get_backend_name()
     if backend == "sqlite":

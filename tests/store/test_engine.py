@@ -36,3 +36,16 @@ def test_a_password_is_never_printed():
 
 def test_no_database():
     assert db_argument(None) == "" and storage_argument(None) == " storage=none"
+
+
+@pytest.mark.parametrize("scheme", ["postgresql", "postgres"])
+def test_a_url_without_a_driver_uses_the_installed_psycopg2(postgres_url, scheme):
+    from midisc.store import Store
+    from midisc.store.engine import database_identity
+
+    plain = scheme + postgres_url.removeprefix("postgresql+psycopg2")
+    with Store(plain) as store:  # the tables are made, a run is written and read back
+        run_id = store.start_run(model="m", hook="h", layer=0, architecture="topk", config={}, output_dir="o")
+        assert store.get_run(run_id)["status"] == "running"
+        assert store.url.startswith("postgresql+psycopg2://")
+    assert database_identity(plain) == database_identity(postgres_url)
