@@ -291,7 +291,7 @@ def _train(cfg: DictConfig, output_dir: Path, store: Store | None, run_id: int |
                           f"batchtopk, jumprelu); {type(sae).__name__} has none: set resample_every=0")
     module = SAEModule(sae, instantiate(cfg.optimizer), b_dec_init=cfg.b_dec_init, dead_window=cfg.dead_window,
                        normalize_input=cfg.normalize_input, resample_every=cfg.resample_every, **cfg.schedule)
-    checkpointer = Checkpointer(output_dir / CHECKPOINT_DIR, cfg.checkpoint_every)
+    checkpointer = Checkpointer(output_dir / CHECKPOINT_DIR, cfg.checkpoint_every, rows=lambda: stream.n_rows)
     if ckpt:
         step, epoch = checkpoint_step(ckpt)
         trim_curves(output_dir / CURVES_FILENAME, step)
@@ -320,12 +320,12 @@ def _train(cfg: DictConfig, output_dir: Path, store: Store | None, run_id: int |
     end = RunEnd(sae=module.sae, heldout=heldout_chunks, source=source, store=store, run_id=run_id,
                  output_dir=output_dir, info=info,
                  is_dead=(module.tokens_since_fired >= module.dead_window).cpu().tolist(),
-                 dead_frac=float(module.dead_frac()), n_tokens=stream.n_rows)
+                 dead_frac=float(module.dead_frac()), n_tokens=checkpointer.epoch_rows)
     done = finish(end, OmegaConf.to_container(cfg.analysis), OmegaConf.to_container(cfg.evaluate),
                   OmegaConf.to_container(cfg.export), progress=bars)
     checkpointer.discard()
     if store:
-        store.update_run(run_id, n_tokens=stream.n_rows)
+        store.update_run(run_id, n_tokens=checkpointer.epoch_rows)
     return Result(run_id=run_id, output_dir=output_dir, sae_dir=done.written.saelens, metrics=done.metrics,
                   seconds=0.0, sae=module.sae, frequency_bins=frequency_bins(done.analysed.analysis.stats.frequency.tolist()),
                   dead_window=module.dead_window)

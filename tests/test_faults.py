@@ -331,6 +331,27 @@ def test_a_run_stopped_in_a_later_epoch_resumes_to_the_same_weights(tmp_path, ti
             assert row["metrics"][name] == pytest.approx(value, rel=1e-5), (row["epoch"], name)
 
 
+def test_a_run_stopped_after_its_last_epoch_resumes_into_the_same_rows(tmp_path, tiny_llama, text_folder, monkeypatch):
+    # Found by bench/faults.py: resumed from the last epoch's checkpoint, the run trains no epoch, and the
+    # stream, which counts its vectors as it serves them, once recorded n_tokens 0.
+    settings = ["epochs=2", "checkpoint_every=100"]
+    twin = train(tiny_cfg(tiny_llama, text_folder, f"sqlite:///{tmp_path / 'twin.db'}", *settings), tmp_path / "twin")
+    cfg = tiny_cfg(tiny_llama, text_folder, f"sqlite:///{tmp_path / 'runs.db'}", *settings)
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # as Ctrl-C during the feature analysis
+    with monkeypatch.context() as patch:
+        patch.setattr(train_mod, "finish", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, tmp_path / "run")
+    with open_dict(cfg):
+        cfg.resume = 1
+    resumed = train(*train_mod.resumed_config(cfg))
+    assert resumed.metrics["n_tokens"] == twin.metrics["n_tokens"] > 0
+    with Store(cfg.storage.url) as store:
+        assert store.get_run(1)["n_tokens"] == twin.metrics["n_tokens"]
+
+
 def test_a_damaged_checkpoint_falls_back_to_the_one_before_and_then_says_how_to_start_over(
         tmp_path, tiny_llama, text_folder, monkeypatch, caplog):
     cfg = tiny_cfg(tiny_llama, text_folder, f"sqlite:///{tmp_path / 'runs.db'}", "epochs=2", "checkpoint_every=10")

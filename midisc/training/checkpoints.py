@@ -28,6 +28,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from midisc.run_folder import CHECKPOINT_DIR, DAMAGED_SUFFIX, LAST, LOCK_FILENAME, PREVIOUS
 
 EPOCH_TOTALS_KEY = "midisc_epoch_totals"
+EPOCH_ROWS_KEY = "midisc_epoch_rows"
 
 
 class CheckpointError(RuntimeError):
@@ -85,12 +86,23 @@ def trim_curves(path: Path, last_step: int) -> None:
 
 
 class Checkpointer(L.Callback):
-    """Saves `last.ckpt` every `every_n_steps` steps, at every epoch end and on Ctrl-C."""
+    """Saves `last.ckpt` every `every_n_steps` steps, at every epoch end and on Ctrl-C.
 
-    def __init__(self, folder: Path, every_n_steps: int) -> None:
+    `rows` is the activation stream's vectors per epoch (0 until epoch 1 has run), kept in the checkpoint too:
+    a run killed after its last epoch resumes into no epoch at all, and would otherwise record 0.
+    """
+
+    def __init__(self, folder: Path, every_n_steps: int, rows: Callable[[], int] | None = None) -> None:
         self.folder = Path(folder)
         self.every_n_steps = every_n_steps
+        self.rows = rows
         self._carried: dict | None = None  # epoch totals read from the checkpoint a run resumes from
+        self._restored_rows = 0
+
+    @property
+    def epoch_rows(self) -> int:
+        """Vectors per epoch: as the stream counted them, else as the checkpoint the run resumed from did."""
+        return (self.rows() if self.rows else 0) or self._restored_rows
 
     def save(self, trainer: L.Trainer) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -112,9 +124,11 @@ class Checkpointer(L.Callback):
         # The sums behind this epoch's train/* averages: without them, a resumed epoch's row in epoch_metrics
         # would average only the steps after the resume.
         checkpoint[EPOCH_TOTALS_KEY] = {"epoch": trainer.current_epoch, "totals": epoch_totals(trainer)}
+        checkpoint[EPOCH_ROWS_KEY] = self.epoch_rows
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         self._carried = checkpoint.get(EPOCH_TOTALS_KEY)
+        self._restored_rows = int(checkpoint.get(EPOCH_ROWS_KEY) or 0)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.save(trainer)
