@@ -15,9 +15,12 @@ import difflib
 import hashlib
 import importlib
 import inspect
+import os
+import re
 from pathlib import Path
 from typing import get_args
 
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -27,7 +30,7 @@ from midisc.data.corpus import SOURCES
 from midisc.data.lm import DTYPES
 from midisc.sae.base import B_DEC_METHODS
 from midisc.sae.settings import integer, number
-from midisc.store.engine import postgres_url_from_env
+from midisc.store.engine import StoreError, parse_url, postgres_url_from_env
 
 
 def short_dirname(name: str, limit: int = 120) -> str:
@@ -51,6 +54,13 @@ def _precisions() -> tuple:
     return tuple(value for literal in get_args(_PRECISION_INPUT) for value in get_args(literal))
 
 
+def _accelerators() -> tuple:
+    """Lightning's `accelerator` values: its registry's names, and the two it resolves itself."""
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+
+    return ("auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators()))
+
+
 class ConfigError(ValueError):
     """An impossible or ill-typed config value; the message is one line."""
 
@@ -62,11 +72,18 @@ def _get(cfg: DictConfig, key: str):
         raise ConfigError(f"{key} cannot be resolved: {str(err).splitlines()[0]}") from None
 
 
+# Counts end up in torch tensors (int64): a larger one fails there, after the model has loaded.
+INT64_MAX = 2**63 - 1
+
+
 def _int(cfg: DictConfig, key: str, low: int, high: int | None = None) -> int:
     try:
-        return integer(key, _get(cfg, key), low, high)
+        value = integer(key, _get(cfg, key), low, high)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if value > INT64_MAX:
+        raise ConfigError(f"{key}={value} is too large; it must be at most 2**63-1 ({INT64_MAX}), as torch counts")
+    return value
 
 
 def _number(cfg: DictConfig, key: str, low: float, *, strict: bool = False, high: float | None = None) -> float:
@@ -128,12 +145,56 @@ def _class(cfg: DictConfig, key: str, example: str) -> type:
     return found
 
 
+# A file name may hold 255 bytes; the export folder is the layer, a dash and the set name.
+SET_NAME_CHARS = 200
+
+
+def _memory() -> int | None:
+    """This machine's memory in bytes; None where the system does not say (Windows)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_fits_in_memory(sae: torch.nn.Module, analysis: dict) -> None:
+    """Refuse an SAE, or an analysis (the `analysis:` group as plain values), that cannot fit in this machine's
+    memory: training holds each weight four times (itself, its gradient, Adam's two moments), and the analysis
+    at the end keeps, for each feature, n_top + n_quantile examples of before + after + 1 tokens. The SAE may
+    be built on the meta device, which costs nothing; a value far too large would otherwise fail in an
+    allocation once the model has loaded, or once the run has trained."""
+    memory = _memory()
+    if memory is None:
+        return
+    training = 4 * 4 * sum(p.numel() for p in sae.parameters())  # float32
+    if training > memory:
+        raise ConfigError(f"an SAE of {sae.d_sae:,} features on d_in {sae.d_in} (sae.expansion x d_in) needs "
+                          f"{training / 1e9:,.1f} GB to train (weights, gradients, Adam's moments), more than this "
+                          f"machine's {memory / 1e9:,.0f} GB; lower sae.expansion")
+    slots = analysis["n_top"] + max(analysis["n_quantile"], 1)
+    width = analysis["before"] + analysis["after"] + 1
+    examples = sae.d_sae * slots * (8 * width + 32)  # a token id and an activation per window token; 4 per slot
+    if examples > memory:
+        raise ConfigError(f"analysis keeps {slots:,} examples (n_top + n_quantile) of {width:,} tokens (before + 1 + "
+                          f"after) for each of the SAE's {sae.d_sae:,} features: {examples / 1e9:,.1f} GB, more than "
+                          f"this machine's {memory / 1e9:,.0f} GB; lower analysis.n_top, n_quantile, before or after")
+
+
+# The config groups train.yaml composes, each a mapping every run reads.
+GROUPS = ("model", "sae", "optimizer", "storage", "data", "trainer", "logger")
+
+
 def check_config(cfg: DictConfig) -> None:
     """Raise ConfigError on the first bad value: types, ranges and choices of the training config."""
+    for group in GROUPS:  # `logger=[]` composes, choosing no option at all
+        if not isinstance(cfg.get(group), DictConfig):
+            raise ConfigError(f"{group} is not in the config (a {group}=[] chooses no option); choose one: "
+                              f"{group}=OPTION, one of the files in conf/{group}/")
     for group, key in (("model", "name"), ("data", "path"), ("data", "name")):
         if key in cfg[group].keys() and OmegaConf.is_missing(cfg[group], key):
             option = HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else "this option"
             raise ConfigError(f"{group}.{key} is required by {group}={option}: pass {group}.{key}=...")
+    check_resolvable(cfg)
     if _get(cfg, "model.hook") is None:
         _int(cfg, "layer", 0)
     _int(cfg, "seed", 0, 2**32 - 1)  # the range Lightning's seed_everything accepts
@@ -165,11 +226,34 @@ def check_config(cfg: DictConfig) -> None:
     _int(cfg, "schedule.sparsity_warmup_steps", 0)
     _number(cfg, "schedule.lr_decay_frac", 0.0, high=1.0)
     _bool(cfg, "export.neuronpedia")
-    _text(cfg, "export.set_name", optional=True)
-    _text(cfg, "storage.url", optional=True)
+    set_name = _text(cfg, "export.set_name", optional=True)
+    if set_name is not None and len(set_name) > SET_NAME_CHARS:
+        raise ConfigError(f"export.set_name is {len(set_name):,} characters long; it names a folder of exports/ "
+                          f"(LAYER-SET_NAME), so at most {SET_NAME_CHARS}")
+    if _text(cfg, "storage.url", optional=True) is not None:
+        try:
+            parse_url(_get(cfg, "storage.url"))
+        except StoreError as err:
+            raise ConfigError(f"storage.url: {err}") from None
     _check_model(cfg)
     _check_data(cfg)
     _check_trainer(cfg)
+
+
+def check_resolvable(node: DictConfig | ListConfig, prefix: str = "") -> None:
+    """Every value resolves and none is left ???: keys no check here reads (an SAE setting, a trainer option)
+    would otherwise fail wherever they are first read, after the model has loaded, with a traceback."""
+    keys = range(len(node)) if isinstance(node, ListConfig) else node.keys()
+    for key in keys:
+        path = f"{prefix.removesuffix('.')}[{key}]" if isinstance(node, ListConfig) else f"{prefix}{key}"
+        if OmegaConf.is_missing(node, key):
+            raise ConfigError(f"{path} is required: pass {path}=...")
+        try:
+            child = node[key]
+        except OmegaConfBaseException as err:  # worded as _get words it
+            raise ConfigError(f"{path} cannot be resolved: {str(err).splitlines()[0]}") from None
+        if isinstance(child, (DictConfig, ListConfig)):
+            check_resolvable(child, f"{path}.")
 
 
 # Given by train.py, not by the config: the model's width and the run's seed.
@@ -192,6 +276,10 @@ def _check_sae_keys(cfg: DictConfig) -> None:
 
 def _check_optimizer(cfg: DictConfig) -> None:
     _class(cfg, "optimizer._target_", "torch.optim.Adam")
+    partial = _get(cfg, "optimizer._partial_")
+    if partial is not True:  # SAEModule calls what instantiate returns with the SAE's parameters
+        raise ConfigError(f"optimizer._partial_ must be true (midisc passes the SAE's parameters to the "
+                          f"optimizer), got {partial!r}")
     if "lr" in cfg.optimizer:
         _number(cfg, "optimizer.lr", 0.0, strict=True)
     if "betas" in cfg.optimizer:  # Adam checks them only when Lightning builds it, after the model has loaded
@@ -209,8 +297,12 @@ def _check_model(cfg: DictConfig) -> None:
     _choice(cfg, "model.dtype", tuple(DTYPES))
     _bool(cfg, "model.prepend_bos")
     device_map = _get(cfg, "model.device_map")
-    if isinstance(device_map, bool) or not isinstance(device_map, (str, int, DictConfig, type(None))):
-        raise ConfigError(f"model.device_map must be auto, a device, a mapping or null, got {device_map!r}")
+    # Used only where CUDA is: checked here too, so a config tried on a laptop does not fail on the GPU machine.
+    if not (device_map is None or (isinstance(device_map, DictConfig) and device_map)
+            or (isinstance(device_map, int) and not isinstance(device_map, bool) and device_map >= 0)
+            or (isinstance(device_map, str) and (device_map in DEVICE_MAP_STRATEGIES or _is_device(device_map)))):
+        raise ConfigError(f"model.device_map must be one of {', '.join(DEVICE_MAP_STRATEGIES)}, a device such as "
+                          f"cuda:0 or cpu, a GPU index, a mapping of modules to devices, or null; got {device_map!r}")
     hooks = _get(cfg, "model.hooks")
     if not isinstance(hooks, DictConfig) or not hooks:
         raise ConfigError(f"model.hooks must map site names to module paths such as model.layers.{{layer}}, "
@@ -218,6 +310,18 @@ def _check_model(cfg: DictConfig) -> None:
     for site in hooks:
         _text(cfg, f"model.hooks.{site}")
     _text(cfg, "model.hook", optional=True)  # model.site is checked against the hooks in lm.resolve_hook
+
+
+# accelerate's placements for transformers' device_map; any other string must name a torch device.
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _is_device(name: str) -> bool:
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        return False
+    return True
 
 
 def _check_data(cfg: DictConfig) -> None:
@@ -236,6 +340,7 @@ def _check_data(cfg: DictConfig) -> None:
 def _check_trainer(cfg: DictConfig) -> None:
     """The Trainer's own checks run only once the model has loaded: these keys are refused before."""
     trainer = cfg.trainer
+    _class(cfg, "trainer._target_", "lightning.pytorch.Trainer")
     for key in ("enable_checkpointing", "enable_model_summary", "enable_progress_bar"):
         if key in trainer:
             _bool(cfg, f"trainer.{key}")
@@ -243,7 +348,15 @@ def _check_trainer(cfg: DictConfig) -> None:
         if key in trainer:
             _int(cfg, f"trainer.{key}", low)
     if "accelerator" in trainer:
-        _text(cfg, "trainer.accelerator")
+        _choice(cfg, "trainer.accelerator", _accelerators())
+    if "devices" in trainer:  # Lightning would start a process for each device, each a whole run of midisc
+        devices, gpus = _get(cfg, "trainer.devices"), torch.cuda.device_count()
+        index = (isinstance(devices, ListConfig) and len(devices) == 1 and type(devices[0]) is int
+                 and 0 <= devices[0] < gpus)
+        if not (index or (type(devices) is int and devices == 1)):
+            valid = "1" + (f", or one GPU's index in a list, [0]..[{gpus - 1}]" if gpus else "")
+            raise ConfigError(f"trainer.devices must be {valid}: midisc trains in one process, on one device; "
+                              f"got {devices!r}")
     if "precision" in trainer and _precisions():
         _choice(cfg, "trainer.precision", _precisions())
 
@@ -300,3 +413,125 @@ def misspelt_keys(argv: list[str], config_dir: str, config_name: str = "train") 
         hints.append(f"{key} is not {where}; " + (f"did you mean {parent + '.' if parent else ''}{near[0]}?"
                                                   if near else f"its keys: {', '.join(map(str, node))}"))
     return hints
+
+
+# Hydra flags that name another config: the overrides cannot be checked against conf/ then.
+HYDRA_FLAGS_OTHER_CONFIG = {"-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir",
+                            "--experimental-rerun"}
+# Hydra's own composition messages end in lines that say where it looked, not what was wrong.
+_HYDRA_TRAILERS = ("Config search path:", "Set the environment variable HYDRA_FULL_ERROR")
+
+
+def override_errors(argv: list[str], config_dir: str, config_name: str = "train") -> list[str]:
+    """What Hydra would refuse in the command line, each said in one line naming the override, before Hydra
+    says it in several lines or with a traceback (exit 1): syntax it cannot read, a sweep without -m, a
+    group option that does not exist, a misspelt key, a value that cannot be merged into the config; and a
+    `resume` that does not resolve (`${nope}`), which main() would meet before check_config.
+
+    A command line that composes costs one composition; only a refused one is looked at more closely."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
+    from hydra.errors import OverrideParseException
+
+    words, flags, skip = [], set(), False
+    for arg in argv:
+        if arg.startswith("-"):
+            flags.add(arg.split("=")[0])
+        elif not skip:
+            words.append(arg)
+        skip = arg in HYDRA_FLAGS_WITH_VALUE
+    if flags & HYDRA_FLAGS_OTHER_CONFIG:
+        return []
+    parser = OverridesParser.create()
+    overrides = []
+    for word in words:
+        try:
+            overrides.extend(parser.parse_overrides([word]))
+        except OverrideParseException as err:
+            return [_unreadable(word, err.message)]
+    multirun = bool(flags & {"-m", "--multirun"})
+    for o in overrides:
+        if o.is_sweep_override() and not multirun:
+            value = o.input_line.partition("=")[2]
+            if o.value_type != ValueType.SIMPLE_CHOICE_SWEEP:  # range(), choice(), interval(), glob()
+                return [f"{o.input_line} is a sweep, which Hydra runs only with -m (one job for each value)"]
+            return [f"{o.input_line} lists several values, which Hydra sweeps over only with -m (one job each); "
+                    f"for a list write {o.key_or_group}=[{value}], for text quote it: {o.key_or_group}='{value}'"]
+    # A sweep's first job stands for the others: they differ only in the swept values.
+    first = [f"{o.input_line.partition('=')[0]}={_first_value(o)}" if o.is_sweep_override() else o.input_line
+             for o in overrides]
+    cfg, err = _compose(config_dir, config_name, first)
+    if err is None:
+        try:  # main() reads `resume` before check_config can say that a ${...} in it does not resolve
+            _get(cfg, "resume")
+        except ConfigError as unresolved:
+            return [str(unresolved)]
+        return []
+    hints = misspelt_keys(argv, config_dir, config_name)
+    if hints:
+        return hints
+    # The override whose addition breaks the composition: prefixes compose until it comes.
+    low, high = 0, len(first)  # first[:low] composes, first[:high] does not
+    while high - low > 1:
+        middle = (low + high) // 2
+        if _compose(config_dir, config_name, first[:middle])[1] is None:
+            low = middle
+        else:
+            high = middle
+    err = _compose(config_dir, config_name, first[:high])[1]
+    culprit = overrides[high - 1] if high else None
+    return [_composition_message(culprit, err, config_dir)]
+
+
+def _unreadable(word: str, message: str) -> str:
+    """One line for an override Hydra's grammar refuses, with the likely reason rather than the lexer's."""
+    key, equal, value = word.partition("=")
+    shown = word if word.isprintable() else repr(word)
+    if not equal:
+        return f"{shown} is not an override: it has no =; write key=value, or group=option"
+    unquoted = re.sub(r"\\.", "", value)  # an escaped quote or bracket is part of the text
+    if unquoted.count("'") % 2 or unquoted.count('"') % 2:
+        reason = "a quote is not closed"
+    elif any(unquoted.count(a) != unquoted.count(b) for a, b in ("[]", "{}", "()")):
+        reason = "a bracket is not closed"
+    else:
+        reason = message.splitlines()[0].removeprefix("LexerNoViableAltException: ")
+    return (f"{shown} is not an override Hydra can read: {reason}; quote a value that holds spaces, commas, "
+            f"quotes or brackets: {key}='...' (a quote inside it as \\')")
+
+
+def _compose(config_dir: str, config_name: str, overrides: list[str]) -> tuple[DictConfig | None, Exception | None]:
+    """(the config, None), or (None, what Hydra raised composing it)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+            return compose(config_name, overrides=overrides), None
+    except Exception as err:  # Hydra raises its own exceptions, OmegaConf's and plain ValueErrors
+        return None, err
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _composition_message(override, err: Exception, config_dir: str) -> str:
+    """One line for Hydra's refusal `err` of `override`, naming it and, for a group, its options."""
+    from hydra.errors import MissingConfigException
+
+    if err.__cause__ is not None and str(err.__cause__).strip():  # "Error merging override X", and why
+        said = str(err.__cause__).strip().splitlines()[0]
+    else:
+        said = " ".join(line.strip() for line in str(err).splitlines()
+                        if line.strip() and not line.startswith(_HYDRA_TRAILERS) and not line.startswith("\t"))
+    if override is None:
+        return f"the config cannot be composed: {said}"
+    group = override.key_or_group
+    folder = Path(config_dir) / group
+    # A group's option is a name: `logger=1` or `model={}` Hydra refuses with a traceback or a struct error.
+    if isinstance(err, MissingConfigException) or (group and folder.is_dir()
+                                                       and not isinstance(override.value(), str)):
+        options = err.options if getattr(err, "options", None) else sorted(p.stem for p in folder.glob("*.yaml"))
+        return (f"{override.input_line} is not an option of the config group {group}; choose one of: "
+                f"{', '.join(options)}")
+    return f"{override.input_line} cannot be applied: {said}"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 import traceback
@@ -36,14 +37,14 @@ from torch.utils.data import DataLoader
 
 from midisc.analysis.features import frequency_bins
 from midisc.cli import user_errors
-from midisc.config import ConfigError, check_config, misspelt_keys
+from midisc.config import ConfigError, check_config, check_fits_in_memory, override_errors
 from midisc.data import corpus, lm
 from midisc.data.activations import ActivationStream, ContextChunk, MemoryCache, keep_mask
 from midisc.data.recipe import Recipe, Source
 from midisc.data.cache import SharedCache, cache_bytes
 from midisc.publish.publication import run_info
 from midisc.run_folder import CHECKPOINT_DIR, CURVES_FILENAME, PENDING_FILENAME
-from midisc.store import Store, db_argument, redact_url, storage_argument
+from midisc.store import Store, UnknownRunError, db_argument, redact_url, storage_argument
 from midisc.store.journal import Journal
 from midisc.store.redaction import redact_console, redact_log_records, redact_text, scrub_hydra_files
 from midisc.training.callbacks import MetricsRecorder, ProgressBar
@@ -89,10 +90,15 @@ def build_sae(cfg: DictConfig, d_in: int, device: str = "cpu") -> torch.nn.Modul
         with torch.device(device):
             return instantiate(cfg.sae, d_in=d_in, seed=cfg.seed)
     except InstantiationException as err:  # Hydra wraps the constructor's ValueError
-        cause = err.__cause__ if isinstance(err.__cause__, ValueError) else None
-        if cause is None:
-            raise
-        raise ConfigError(f"sae.{cause}") from None
+        cause = err.__cause__
+        if isinstance(cause, ValueError):
+            raise ConfigError(f"sae.{cause}") from None
+        # A width past int64 (even on the meta device), or past a GPU's memory: torch's first line says which.
+        if isinstance(cause, (RuntimeError, TypeError)) and re.search("allocate|Overflow", str(cause)):
+            said = str(cause).strip().splitlines()[0][:200]
+            raise ConfigError(f"sae.expansion={cfg.sae.get('expansion')} with d_in={d_in} makes an SAE too large to "
+                              f"build ({said}); lower sae.expansion") from None
+        raise
 
 
 def make_cache(cfg: DictConfig, producer: dict, expected_bytes: int) -> SharedCache | nullcontext:
@@ -128,10 +134,13 @@ def resumed_config(cfg: DictConfig) -> tuple[DictConfig, Path]:
     """The config and folder of run `cfg.resume`, read from the database `cfg.storage.url` names."""
     if not cfg.storage.url:
         raise ConfigError("resume needs the database the run is recorded in; storage=none has none")
-    if isinstance(cfg.resume, bool) or not isinstance(cfg.resume, int):
-        raise ConfigError(f"resume must be a run id (an integer), got {cfg.resume!r}")
+    if isinstance(cfg.resume, bool) or not isinstance(cfg.resume, int) or cfg.resume < 1:
+        raise ConfigError(f"resume must be a run id (an integer >= 1), got {cfg.resume!r}")
     with Store(cfg.storage.url) as store:
-        run = store.get_run(cfg.resume)
+        try:
+            run = store.get_run(cfg.resume)
+        except UnknownRunError as err:  # its message names the id, not the setting that gave it
+            raise UnknownRunError(f"resume={cfg.resume}: {err}") from None
     if run["status"] == "completed":
         raise ConfigError(f"run {cfg.resume} is already completed; resume= continues a failed, interrupted or "
                           "killed run")
@@ -176,7 +185,8 @@ def train(cfg: DictConfig, output_dir: Path) -> Result:
         hf_config = lm.load_config(source)
         hook = lm.resolve_hook(hf_config, layer=cfg.layer, site=m.site, hooks=dict(m.hooks), hook=m.hook)
         if m.hook is None:  # the standard sites all output hidden_size: the SAE's own checks can run now
-            build_sae(cfg, d_in=hf_config.hidden_size, device="meta")  # meta: no memory, no weights
+            sae = build_sae(cfg, d_in=hf_config.hidden_size, device="meta")  # meta: no memory, no weights
+            check_fits_in_memory(sae, OmegaConf.to_container(cfg.analysis))
         # (a raw hook's width is known once the model has run one context: _fit builds the SAE then)
     except BaseException:
         if cfg.resume is None:
@@ -264,6 +274,7 @@ def _fit(cfg: DictConfig, output_dir: Path, store: Store | None, run_id: int | N
                           f"fewer than one batch of batch_size={cfg.batch_size}; raise max_samples or lower batch_size")
     source = recipe.open(tokens)
     sae = build_sae(cfg, d_in=source.width(heldout_ctx))  # before the harvest: a raw hook's checks run here
+    check_fits_in_memory(sae, OmegaConf.to_container(cfg.analysis))
     need = cache_bytes(expected + heldout_ctx.numel(), source.model.config.hidden_size, recipe.dtype,
                        tokens=heldout_ctx.numel())
     with make_cache(cfg, recipe.producer(), need) as cache:
@@ -401,9 +412,10 @@ if __name__ == "__main__":
     load_dotenv(Path.cwd() / ".env")  # POSTGRES_* and MIDISC_DB_URL may live in a .env file
     redact_log_records()  # before Hydra's launcher logs each job's overrides, storage.url among them
     redact_console()  # and before it prints a failed job's overrides straight to stderr
-    # Before Hydra, which refuses a misspelt key with a struct error and no suggestion, after making the folders.
-    misspelt = misspelt_keys(sys.argv[1:], str(Path(__file__).parents[1] / "conf"))
-    if misspelt:
-        print(f"error: {misspelt[0]}", file=sys.stderr)
+    # Before Hydra, which refuses a misspelt key with a struct error and no suggestion, after making the folders,
+    # and a bad override in several lines or with a traceback.
+    mistakes = override_errors(sys.argv[1:], str(Path(__file__).parents[1] / "conf"))
+    if mistakes:
+        print(f"error: {mistakes[0]}", file=sys.stderr)
         sys.exit(2)
     main()

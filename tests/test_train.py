@@ -19,7 +19,7 @@ from midisc import train as train_mod
 from midisc.publish.write import sha256
 from midisc.data.lm import ModelError
 from midisc.sae.io import load_sae
-from midisc.store import Store, StoreError
+from midisc.store import Store, StoreError, UnknownRunError
 from midisc.train import train
 from midisc.config import ConfigError
 from midisc.run_folder import WEIGHTS_FILENAME
@@ -279,3 +279,34 @@ def test_runs_launched_together_each_get_their_own_folder(tmp_path, tiny_llama, 
     assert {r["status"] for r in runs} == {"completed"} and len({r["output_dir"] for r in runs}) == 3
     folders = list(tmp_path.glob("outputs/*/*"))
     assert len(folders) == 3 and all((f / "train.log").read_text() and (f / ".hydra").is_dir() for f in folders)
+
+
+# Found by bench/fault_fuzz.py: sizes that passed the checks and failed in an allocation (a traceback) once the
+# weights had loaded, or once the run had trained; now refused with the config's other mistakes.
+@pytest.mark.parametrize("extra, message", [
+    (("sae.expansion=1000000000000",), "an SAE of 32,000,000,000,000 features on d_in 32 (sae.expansion x d_in) "
+                                       "needs 33,280,000.0 GB to train"),
+    (("sae.expansion=18446744073709551616",), "sae.expansion=18446744073709551616 with d_in=32 makes an SAE too large "
+                                              "to build (randn(): argument 'size' failed to unpack"),
+    (("analysis.n_top=1000000000000",), "analysis keeps 1,000,000,000,010 examples (n_top + n_quantile) of 21 tokens"),
+    (("analysis.before=1000000000000",), "of 1,000,000,000,005 tokens (before + 1 + after) for each of the SAE's 128"),
+])
+def test_sizes_past_memory_are_refused_before_the_weights_load(tmp_path, tiny_llama, text_folder, monkeypatch,
+                                                                 extra, message):
+    def load_model(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the bad input was found")
+
+    monkeypatch.setattr(train_mod.lm, "load_model", load_model)
+    with pytest.raises(ConfigError) as info:
+        run_tiny(tmp_path, tiny_llama, text_folder, *extra)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert not Store(f"sqlite:///{tmp_path / 'runs.db'}").list_runs()  # refused before a run was recorded
+
+
+@pytest.mark.parametrize("resume, message", [(0, "resume must be a run id (an integer >= 1), got 0"),
+                                             (7, "resume=7: no run with id 7")])
+def test_a_resume_of_no_run_names_the_setting(tmp_path, resume, message):
+    cfg = compose_config([f"resume={resume}", f"storage.url=sqlite:///{tmp_path / 'runs.db'}"])
+    with pytest.raises((ConfigError, UnknownRunError)) as info:
+        train_mod.resumed_config(cfg)
+    assert str(info.value).startswith(message)

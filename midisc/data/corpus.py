@@ -16,6 +16,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
 import random
 import re
 from dataclasses import dataclass
@@ -126,12 +127,18 @@ def read_bundled(package: str, subdir: str, encoding: str = "latin-1", skips: Sk
     return texts
 
 
+def _place(folder: Path, path: Path) -> str:
+    """`path` within `folder`, printable: bytes of a name that are not UTF-8 shown as \\xNN, not as the lone
+    surrogates Python decodes them to, which a UTF-8 console refuses to print (the warning would fail)."""
+    return os.fsencode(path.relative_to(folder)).decode("utf-8", "backslashreplace")
+
+
 def _read_txt_files(folder: Path, paths: list[Path], encoding: str, skips: Skips) -> list[str]:
     texts = []
     for path in paths:
         if path.is_dir():  # a folder named like a file; rglob walks into it anyway
             continue
-        where = str(path.relative_to(folder))
+        where = _place(folder, path)
         text = _decode(path, encoding, where, skips)
         if text is not None and (text := clean(text, where, skips)) is not None:
             texts.append(text)
@@ -140,7 +147,7 @@ def _read_txt_files(folder: Path, paths: list[Path], encoding: str, skips: Skips
 
 def _read_jsonl(folder: Path, path: Path, field: str, encoding: str, skips: Skips) -> list[str]:
     """The `field` text of each record; a file with no usable line at all is an error (the wrong format or field)."""
-    name = str(path.relative_to(folder))
+    name = _place(folder, path)
     content = _decode(path, encoding, name, skips)
     if content is None:
         return []
@@ -155,8 +162,9 @@ def _read_jsonl(folder: Path, path: Path, field: str, encoding: str, skips: Skip
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as err:
-            mistakes.append(f"{path}:{n} is not valid JSON ({err.msg})")
+        except (ValueError, RecursionError) as err:  # also a number past 4,300 digits, or nesting past the stack
+            why = err.msg if isinstance(err, json.JSONDecodeError) else str(err).split(";")[0][:100]
+            mistakes.append(f"{path}:{n} is not valid JSON ({why})")
             skips.add("skipped invalid JSON lines", where)
             continue
         if not isinstance(record, dict) or field not in record:
@@ -183,8 +191,13 @@ def read_folder(path: str, field: str = "text", encoding: str = "utf-8", skips: 
     in `skips`; without one, a warning line tells the counts.
     """
     folder = Path(path).expanduser()
-    if not folder.is_dir():
-        what = "it is a file; give the folder that holds it" if folder.exists() else "it does not exist"
+    try:
+        is_dir, exists = folder.is_dir(), folder.exists()
+    except OSError as err:  # a name longer than the file system allows (is_dir raises rather than says False)
+        raise CorpusError(f"data.path={path!r} is not a folder ({(err.strerror or str(err)).lower()}); give a folder "
+                          "of .txt or .jsonl files") from None
+    if not is_dir:
+        what = "it is a file; give the folder that holds it" if exists else "it does not exist"
         raise CorpusError(f"data.path={path!r} is not a folder ({what}); give a folder of .txt or .jsonl files")
     txts, jsonls = sorted(folder.rglob("*.txt")), sorted(p for p in folder.rglob("*.jsonl") if not p.is_dir())
     if not txts and not jsonls:
@@ -221,7 +234,7 @@ def read_hf(name: str, split: str = "train", field: str = "text", config_name: s
     own = skips is None
     skips = Skips() if own else skips
     texts = []
-    for n, record in enumerate(ds):
+    for n, record in enumerate(_rows(ds, name)):
         if field not in record:
             raise CorpusError(f"dataset {name!r} has no field {field!r}; its fields: {', '.join(record)}")
         text = record[field]
@@ -234,6 +247,23 @@ def read_hf(name: str, split: str = "train", field: str = "text", config_name: s
     if own:
         skips.report(f"data.name={name}", len(texts))
     return texts
+
+
+def _rows(ds, name: str):
+    """The records of `ds`; a file that fails to read or decode on the way is a CorpusError, not a traceback."""
+    rows, n = iter(ds), 0
+    while True:
+        try:
+            record = next(rows)
+        except StopIteration:
+            return
+        except Exception as err:  # a streamed dataset reads and decodes its files only now
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            hint = (" (the datasets library reads every file as UTF-8 text; data=local skips and reports files "
+                    "it cannot read)" if isinstance(err, UnicodeError) else "")
+            raise CorpusError(f"data.name={name!r} could not be read after {n} records: {first[:300]}{hint}") from None
+        yield record
+        n += 1
 
 
 def load_texts(source: str, *, package: str | None = None, subdir: str | None = None, path: str | None = None,

@@ -1,6 +1,7 @@
 import json
 import logging
 import random
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -193,6 +194,47 @@ def test_hf_records_that_are_not_text_are_skipped_and_counted(tmp_path, caplog):
     assert load_texts("hf", name=str(tmp_path / "ds")) == ["one", "two"]
     assert "skipped records whose 'text' is not a string: 1 (first: row 1: null)" in caplog.text
     assert "removed NUL characters: 1 (first: row 3)" in caplog.text
+
+
+# Found by bench/fault_fuzz.py: inputs that ended in a traceback rather than a skip or a one-line refusal.
+@pytest.mark.parametrize("line, why", [
+    ("[" * 100_000 + "]" * 100_000, "maximum recursion depth exceeded"),  # a RecursionError
+    ('{"text": "x", "n": ' + "9" * 5000 + "}", "Exceeds the limit (4300 digits)"),  # a ValueError
+], ids=["nested 100,000 deep", "a number of 5,000 digits"])
+def test_jsonl_lines_json_cannot_load_are_skipped_as_invalid(tmp_path, caplog, line, why):
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "good"}) + "\n" + line + "\n")
+    assert read_folder(str(tmp_path)) == ["good"]
+    assert "skipped invalid JSON lines: 1 (first: c.jsonl:2)" in caplog.text
+    (tmp_path / "c.jsonl").write_text(line + "\n")
+    with pytest.raises(CorpusError, match=r"c.jsonl:1 is not valid JSON \(" + re.escape(why)):
+        read_folder(str(tmp_path))
+
+
+def test_a_file_name_that_is_not_utf8_is_printable_in_the_warning(tmp_path, caplog):
+    import os
+
+    (tmp_path / "a.txt").write_text("readable")
+    (tmp_path / os.fsdecode(b"b\xff.txt")).write_bytes(b"")  # Python names it with a lone surrogate
+    assert read_folder(str(tmp_path)) == ["readable"]
+    assert "skipped empty files: 1 (first: b\\xff.txt)" in caplog.text
+    caplog.text.encode("utf-8")  # a UTF-8 console would have failed on the surrogate
+
+
+def test_data_path_too_long_for_the_file_system_is_named(tmp_path):
+    with pytest.raises(CorpusError, match=r"data.path='x+' is not a folder \(file name too long\)") as info:
+        load_texts("local", path="x" * 5000)
+    assert "\n" not in str(info.value)
+
+
+def test_hf_folder_of_files_datasets_cannot_decode_is_one_line(tmp_path):
+    pytest.importorskip("datasets")
+    (tmp_path / "a.txt").write_text("a readable line\n" * 5)
+    (tmp_path / "b.txt").write_bytes(bytes(range(128, 256)) * 8)  # the text builder decodes only while streaming
+    with pytest.raises(CorpusError) as info:
+        load_texts("hf", name=str(tmp_path))
+    assert str(info.value).startswith(f"data.name={str(tmp_path)!r} could not be read after ")
+    assert "codec can't decode" in str(info.value) and "data=local skips" in str(info.value)
+    assert "\n" not in str(info.value)
 
 
 def test_hf_dataset_saved_to_disk(tmp_path):
