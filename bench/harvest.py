@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from midisc.data import corpus, lm
+from midisc.data import corpus, lm, packing
 from midisc.data.activations import harvest_contexts
 
 import tiny
@@ -73,7 +73,7 @@ def main() -> None:
             smollm2(BATCH * (n_batches + 1))
     model = loaded.model.to(args.device)
     sep, special = lm.special_token_ids(loaded.tokenizer, separator)
-    contexts = corpus.pack(texts, loaded.tokenizer, CONTEXT, sep)
+    contexts = packing.pack(texts, loaded.tokenizer, CONTEXT, sep)
     if len(contexts) < BATCH * (n_batches + 1):
         raise SystemExit(f"the texts gave only {len(contexts)} contexts of {CONTEXT}; need {BATCH * (n_batches + 1)}")
     batches = list(contexts.split(BATCH))[:n_batches + 1]

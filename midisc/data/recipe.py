@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from midisc.data import corpus, lm
+from midisc.data import corpus, lm, packing
 from midisc.data.activations import ContextChunk, harvest, harvest_contexts, take_rows
 
 
@@ -98,7 +98,7 @@ class Tokens:
 
     def pack(self, texts: list[str]) -> torch.Tensor:
         """Texts -> contexts [n, context_size], documents joined by the separator."""
-        return corpus.pack(texts, self.tokenizer, self.context_size, self.separator, self.bos, self.max_doc_tokens)
+        return packing.pack(texts, self.tokenizer, self.context_size, self.separator, self.bos, self.max_doc_tokens)
 
     def decode(self) -> Any:
         """ids -> the text of each token alone (see `lm.token_texts`)."""

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import compose_config
-from midisc.data import corpus, lm
+from midisc.data import lm, packing
 from midisc.data.activations import filter_activations, keep_mask
 from midisc.store import Store
 from midisc.data.lm import special_token_ids
@@ -30,7 +30,7 @@ def test_config_and_hook_resolution(smollm2):
 
 def test_capture_equals_hidden_states(smollm2):
     sep, _ = special_token_ids(smollm2.tokenizer, "<|endoftext|>")
-    contexts = corpus.pack(TEXTS, smollm2.tokenizer, 16, sep)
+    contexts = packing.pack(TEXTS, smollm2.tokenizer, 16, sep)
     captured = lm.capture(smollm2.model, smollm2.model.model.layers[3], contexts)
     with torch.no_grad():
         expected = smollm2.model(contexts, output_hidden_states=True).hidden_states[4]
@@ -39,7 +39,7 @@ def test_capture_equals_hidden_states(smollm2):
 
 def test_position_zero_and_separators_are_the_huge_norms_we_drop(smollm2):
     sep, special = special_token_ids(smollm2.tokenizer, "<|endoftext|>")
-    contexts = corpus.pack(TEXTS * 4, smollm2.tokenizer, 32, sep)
+    contexts = packing.pack(TEXTS * 4, smollm2.tokenizer, 32, sep)
     acts = lm.capture(smollm2.model, smollm2.model.model.layers[15], contexts)
     norms = acts.norm(dim=-1)
     keep = keep_mask(contexts, special)
