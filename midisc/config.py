@@ -16,8 +16,6 @@ import hashlib
 import importlib
 import inspect
 import os
-import re
-from pathlib import Path
 from typing import get_args
 
 import torch
@@ -65,7 +63,8 @@ class ConfigError(ValueError):
     """An impossible or ill-typed config value; the message is one line."""
 
 
-def _get(cfg: DictConfig, key: str):
+def resolved(cfg: DictConfig, key: str):
+    """The value at `key`, interpolations resolved; a ConfigError naming the key when one does not resolve."""
     try:
         return OmegaConf.select(cfg, key)
     except OmegaConfBaseException as err:  # an interpolation such as ${nope} that cannot be resolved
@@ -78,7 +77,7 @@ INT64_MAX = 2**63 - 1
 
 def _int(cfg: DictConfig, key: str, low: int, high: int | None = None) -> int:
     try:
-        value = integer(key, _get(cfg, key), low, high)
+        value = integer(key, resolved(cfg, key), low, high)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if value > INT64_MAX:
@@ -88,13 +87,13 @@ def _int(cfg: DictConfig, key: str, low: int, high: int | None = None) -> int:
 
 def _number(cfg: DictConfig, key: str, low: float, *, strict: bool = False, high: float | None = None) -> float:
     try:
-        return number(key, _get(cfg, key), low, strict=strict, high=high)
+        return number(key, resolved(cfg, key), low, strict=strict, high=high)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
 
 def _choice(cfg: DictConfig, key: str, valid) -> str:
-    value = _get(cfg, key)
+    value = resolved(cfg, key)
     if isinstance(value, bool) or value not in valid:  # True == 1 would pass for a choice of numbers
         shown = dict.fromkeys(map(str, valid))  # Lightning's precisions name 16 and "16" both
         raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(shown)}")
@@ -102,7 +101,7 @@ def _choice(cfg: DictConfig, key: str, valid) -> str:
 
 
 def _bool(cfg: DictConfig, key: str) -> bool:
-    value = _get(cfg, key)
+    value = resolved(cfg, key)
     if not isinstance(value, bool):
         raise ConfigError(f"{key} must be true or false, got {value!r}")
     return value
@@ -110,7 +109,7 @@ def _bool(cfg: DictConfig, key: str) -> bool:
 
 def _text(cfg: DictConfig, key: str, *, optional: bool = False) -> str | None:
     """A non-empty string (a name, path or URL); with `optional`, null too."""
-    value = _get(cfg, key)
+    value = resolved(cfg, key)
     if value is None and optional:
         return None
     if not isinstance(value, str) or not value.strip():
@@ -195,7 +194,7 @@ def check_config(cfg: DictConfig) -> None:
             option = HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else "this option"
             raise ConfigError(f"{group}.{key} is required by {group}={option}: pass {group}.{key}=...")
     check_resolvable(cfg)
-    if _get(cfg, "model.hook") is None:
+    if resolved(cfg, "model.hook") is None:
         _int(cfg, "layer", 0)
     _int(cfg, "seed", 0, 2**32 - 1)  # the range Lightning's seed_everything accepts
     for key, low in [("max_samples", 1), ("context_size", 2), ("batch_size", 1), ("epochs", 1),
@@ -205,11 +204,11 @@ def check_config(cfg: DictConfig) -> None:
                      ("analysis.before", 0), ("analysis.after", 0), ("checkpoint_every", 1),
                      ("evaluate.contexts", 0)]:
         _int(cfg, key, low)
-    if _get(cfg, "resume") is not None:
+    if resolved(cfg, "resume") is not None:
         _int(cfg, "resume", 1)
-    if _get(cfg, "max_vectors") is not None:
-        _int(cfg, "max_vectors", _get(cfg, "batch_size"))
-    if _get(cfg, "max_doc_tokens") is not None:
+    if resolved(cfg, "max_vectors") is not None:
+        _int(cfg, "max_vectors", resolved(cfg, "batch_size"))
+    if resolved(cfg, "max_doc_tokens") is not None:
         _int(cfg, "max_doc_tokens", 1)
     _check_sae_keys(cfg)
     _check_optimizer(cfg)
@@ -217,7 +216,7 @@ def check_config(cfg: DictConfig) -> None:
     _choice(cfg, "activations.dtype", tuple(STORE_DTYPES))
     _text(cfg, "activations.cache_dir")
     _number(cfg, "activations.cache_max_gb", 0.0, strict=True)
-    if _get(cfg, "activations.outlier_factor") is not None:
+    if resolved(cfg, "activations.outlier_factor") is not None:
         _number(cfg, "activations.outlier_factor", 1.0, strict=True)
     _choice(cfg, "b_dec_init", B_DEC_METHODS)
     _bool(cfg, "normalize_input")
@@ -232,7 +231,7 @@ def check_config(cfg: DictConfig) -> None:
                           f"(LAYER-SET_NAME), so at most {SET_NAME_CHARS}")
     if _text(cfg, "storage.url", optional=True) is not None:
         try:
-            parse_url(_get(cfg, "storage.url"))
+            parse_url(resolved(cfg, "storage.url"))
         except StoreError as err:
             raise ConfigError(f"storage.url: {err}") from None
     _check_model(cfg)
@@ -250,7 +249,7 @@ def check_resolvable(node: DictConfig | ListConfig, prefix: str = "") -> None:
             raise ConfigError(f"{path} is required: pass {path}=...")
         try:
             child = node[key]
-        except OmegaConfBaseException as err:  # worded as _get words it
+        except OmegaConfBaseException as err:  # worded as resolved() words it
             raise ConfigError(f"{path} cannot be resolved: {str(err).splitlines()[0]}") from None
         if isinstance(child, (DictConfig, ListConfig)):
             check_resolvable(child, f"{path}.")
@@ -276,14 +275,14 @@ def _check_sae_keys(cfg: DictConfig) -> None:
 
 def _check_optimizer(cfg: DictConfig) -> None:
     _class(cfg, "optimizer._target_", "torch.optim.Adam")
-    partial = _get(cfg, "optimizer._partial_")
+    partial = resolved(cfg, "optimizer._partial_")
     if partial is not True:  # SAEModule calls what instantiate returns with the SAE's parameters
         raise ConfigError(f"optimizer._partial_ must be true (midisc passes the SAE's parameters to the "
                           f"optimizer), got {partial!r}")
     if "lr" in cfg.optimizer:
         _number(cfg, "optimizer.lr", 0.0, strict=True)
     if "betas" in cfg.optimizer:  # Adam checks them only when Lightning builds it, after the model has loaded
-        betas = _get(cfg, "optimizer.betas")
+        betas = resolved(cfg, "optimizer.betas")
         numbers = isinstance(betas, ListConfig) and all(
             isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas)
         if not numbers or len(betas) != 2 or not all(0 <= b < 1 for b in betas):
@@ -296,14 +295,14 @@ def _check_model(cfg: DictConfig) -> None:
         _text(cfg, f"model.{key}", optional=True)
     _choice(cfg, "model.dtype", tuple(DTYPES))
     _bool(cfg, "model.prepend_bos")
-    device_map = _get(cfg, "model.device_map")
+    device_map = resolved(cfg, "model.device_map")
     # Used only where CUDA is: checked here too, so a config tried on a laptop does not fail on the GPU machine.
     if not (device_map is None or (isinstance(device_map, DictConfig) and device_map)
             or (isinstance(device_map, int) and not isinstance(device_map, bool) and device_map >= 0)
             or (isinstance(device_map, str) and (device_map in DEVICE_MAP_STRATEGIES or _is_device(device_map)))):
         raise ConfigError(f"model.device_map must be one of {', '.join(DEVICE_MAP_STRATEGIES)}, a device such as "
                           f"cuda:0 or cpu, a GPU index, a mapping of modules to devices, or null; got {device_map!r}")
-    hooks = _get(cfg, "model.hooks")
+    hooks = resolved(cfg, "model.hooks")
     if not isinstance(hooks, DictConfig) or not hooks:
         raise ConfigError(f"model.hooks must map site names to module paths such as model.layers.{{layer}}, "
                           f"got {hooks!r}")
@@ -350,7 +349,7 @@ def _check_trainer(cfg: DictConfig) -> None:
     if "accelerator" in trainer:
         _choice(cfg, "trainer.accelerator", _accelerators())
     if "devices" in trainer:  # Lightning would start a process for each device, each a whole run of midisc
-        devices, gpus = _get(cfg, "trainer.devices"), torch.cuda.device_count()
+        devices, gpus = resolved(cfg, "trainer.devices"), torch.cuda.device_count()
         index = (isinstance(devices, ListConfig) and len(devices) == 1 and type(devices[0]) is int
                  and 0 <= devices[0] < gpus)
         if not (index or (type(devices) is int and devices == 1)):
@@ -359,179 +358,3 @@ def _check_trainer(cfg: DictConfig) -> None:
                               f"got {devices!r}")
     if "precision" in trainer and _precisions():
         _choice(cfg, "trainer.precision", _precisions())
-
-
-HYDRA_FLAGS_WITH_VALUE = {"-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name", "-cd",
-                          "--config-dir", "--info", "-i", "--experimental-rerun"}
-
-
-def _first_value(override) -> str:
-    return next(iter(override.sweep_string_iterator())) if override.is_sweep_override() else \
-        override.get_value_element_as_str()
-
-
-def misspelt_keys(argv: list[str], config_dir: str, config_name: str = "train") -> list[str]:
-    """Hints for the command-line overrides that name no key of the config (`sae.expanson=16`): Hydra refuses
-    them with its struct error and no suggestion; this says which key was probably meant.
-
-    The config is composed with the overrides that choose groups (`sae=relu`, the first value of a sweep),
-    so the keys offered are the ones of the config the user asked for."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import OverrideType
-
-    words, skip = [], False
-    for arg in argv:  # Hydra's own flags, and the value after those that take one, are not overrides
-        if not skip and not arg.startswith("-"):
-            words.append(arg)
-        skip = arg in HYDRA_FLAGS_WITH_VALUE
-    try:
-        overrides = OverridesParser.create().parse_overrides(words)
-    except Exception:  # Hydra's own message already said what is wrong with the syntax
-        return []
-    overrides = [o for o in overrides if o.type == OverrideType.CHANGE and not o.is_hydra_override()]
-    groups = {p.name for p in Path(config_dir).iterdir() if p.is_dir()}
-    choices = [f"{o.key_or_group}={_first_value(o)}" for o in overrides if o.key_or_group in groups]
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-            cfg = compose(config_name, overrides=choices)
-    except Exception:
-        return []
-    hints = []
-    for o in overrides:
-        key = o.key_or_group
-        if key in groups or OmegaConf.select(cfg, key) is not None:
-            continue
-        parent, _, leaf = key.rpartition(".")
-        node = OmegaConf.select(cfg, parent) if parent else cfg
-        if not isinstance(node, DictConfig) or leaf in node.keys():  # (`in node` is False for a ??? value)
-            continue  # an existing key set to null, or a path through a value
-        near = difflib.get_close_matches(leaf, [str(k) for k in node], n=1)
-        where = f"a key of {parent}" if parent else "a config key"
-        hints.append(f"{key} is not {where}; " + (f"did you mean {parent + '.' if parent else ''}{near[0]}?"
-                                                  if near else f"its keys: {', '.join(map(str, node))}"))
-    return hints
-
-
-# Hydra flags that name another config: the overrides cannot be checked against conf/ then.
-HYDRA_FLAGS_OTHER_CONFIG = {"-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir",
-                            "--experimental-rerun"}
-# Hydra's own composition messages end in lines that say where it looked, not what was wrong.
-_HYDRA_TRAILERS = ("Config search path:", "Set the environment variable HYDRA_FULL_ERROR")
-
-
-def override_errors(argv: list[str], config_dir: str, config_name: str = "train") -> list[str]:
-    """What Hydra would refuse in the command line, each said in one line naming the override, before Hydra
-    says it in several lines or with a traceback (exit 1): syntax it cannot read, a sweep without -m, a
-    group option that does not exist, a misspelt key, a value that cannot be merged into the config; and a
-    `resume` that does not resolve (`${nope}`), which main() would meet before check_config.
-
-    A command line that composes costs one composition; only a refused one is looked at more closely."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import ValueType
-    from hydra.errors import OverrideParseException
-
-    words, flags, skip = [], set(), False
-    for arg in argv:
-        if arg.startswith("-"):
-            flags.add(arg.split("=")[0])
-        elif not skip:
-            words.append(arg)
-        skip = arg in HYDRA_FLAGS_WITH_VALUE
-    if flags & HYDRA_FLAGS_OTHER_CONFIG:
-        return []
-    parser = OverridesParser.create()
-    overrides = []
-    for word in words:
-        try:
-            overrides.extend(parser.parse_overrides([word]))
-        except OverrideParseException as err:
-            return [_unreadable(word, err.message)]
-    multirun = bool(flags & {"-m", "--multirun"})
-    for o in overrides:
-        if o.is_sweep_override() and not multirun:
-            value = o.input_line.partition("=")[2]
-            if o.value_type != ValueType.SIMPLE_CHOICE_SWEEP:  # range(), choice(), interval(), glob()
-                return [f"{o.input_line} is a sweep, which Hydra runs only with -m (one job for each value)"]
-            return [f"{o.input_line} lists several values, which Hydra sweeps over only with -m (one job each); "
-                    f"for a list write {o.key_or_group}=[{value}], for text quote it: {o.key_or_group}='{value}'"]
-    # A sweep's first job stands for the others: they differ only in the swept values.
-    first = [f"{o.input_line.partition('=')[0]}={_first_value(o)}" if o.is_sweep_override() else o.input_line
-             for o in overrides]
-    cfg, err = _compose(config_dir, config_name, first)
-    if err is None:
-        try:  # main() reads `resume` before check_config can say that a ${...} in it does not resolve
-            _get(cfg, "resume")
-        except ConfigError as unresolved:
-            return [str(unresolved)]
-        return []
-    hints = misspelt_keys(argv, config_dir, config_name)
-    if hints:
-        return hints
-    # The override whose addition breaks the composition: prefixes compose until it comes.
-    low, high = 0, len(first)  # first[:low] composes, first[:high] does not
-    while high - low > 1:
-        middle = (low + high) // 2
-        if _compose(config_dir, config_name, first[:middle])[1] is None:
-            low = middle
-        else:
-            high = middle
-    err = _compose(config_dir, config_name, first[:high])[1]
-    culprit = overrides[high - 1] if high else None
-    return [_composition_message(culprit, err, config_dir)]
-
-
-def _unreadable(word: str, message: str) -> str:
-    """One line for an override Hydra's grammar refuses, with the likely reason rather than the lexer's."""
-    key, equal, value = word.partition("=")
-    shown = word if word.isprintable() else repr(word)
-    if not equal:
-        return f"{shown} is not an override: it has no =; write key=value, or group=option"
-    unquoted = re.sub(r"\\.", "", value)  # an escaped quote or bracket is part of the text
-    if unquoted.count("'") % 2 or unquoted.count('"') % 2:
-        reason = "a quote is not closed"
-    elif any(unquoted.count(a) != unquoted.count(b) for a, b in ("[]", "{}", "()")):
-        reason = "a bracket is not closed"
-    else:
-        reason = message.splitlines()[0].removeprefix("LexerNoViableAltException: ")
-    return (f"{shown} is not an override Hydra can read: {reason}; quote a value that holds spaces, commas, "
-            f"quotes or brackets: {key}='...' (a quote inside it as \\')")
-
-
-def _compose(config_dir: str, config_name: str, overrides: list[str]) -> tuple[DictConfig | None, Exception | None]:
-    """(the config, None), or (None, what Hydra raised composing it)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-            return compose(config_name, overrides=overrides), None
-    except Exception as err:  # Hydra raises its own exceptions, OmegaConf's and plain ValueErrors
-        return None, err
-    finally:
-        GlobalHydra.instance().clear()
-
-
-def _composition_message(override, err: Exception, config_dir: str) -> str:
-    """One line for Hydra's refusal `err` of `override`, naming it and, for a group, its options."""
-    from hydra.errors import MissingConfigException
-
-    if err.__cause__ is not None and str(err.__cause__).strip():  # "Error merging override X", and why
-        said = str(err.__cause__).strip().splitlines()[0]
-    else:
-        said = " ".join(line.strip() for line in str(err).splitlines()
-                        if line.strip() and not line.startswith(_HYDRA_TRAILERS) and not line.startswith("\t"))
-    if override is None:
-        return f"the config cannot be composed: {said}"
-    group = override.key_or_group
-    folder = Path(config_dir) / group
-    # A group's option is a name: `logger=1` or `model={}` Hydra refuses with a traceback or a struct error.
-    if isinstance(err, MissingConfigException) or (group and folder.is_dir()
-                                                       and not isinstance(override.value(), str)):
-        options = err.options if getattr(err, "options", None) else sorted(p.stem for p in folder.glob("*.yaml"))
-        return (f"{override.input_line} is not an option of the config group {group}; choose one of: "
-                f"{', '.join(options)}")
-    return f"{override.input_line} cannot be applied: {said}"

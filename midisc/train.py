@@ -37,7 +37,8 @@ from torch.utils.data import DataLoader
 
 from midisc.analysis.features import frequency_bins
 from midisc.cli import user_errors
-from midisc.config import ConfigError, check_config, check_fits_in_memory, override_errors
+from midisc.config import ConfigError, check_config, check_fits_in_memory
+from midisc.overrides import override_errors
 from midisc.data import corpus, lm
 from midisc.data.activations import ActivationStream, ContextChunk, MemoryCache, keep_mask
 from midisc.data.recipe import Recipe, Source

@@ -64,8 +64,9 @@ def test_the_data_package_imports_nothing_else_of_midisc():
     assert {name: deps for name, deps in outside.items() if deps} == {}
 
 
-# Top-level modules that are not commands: what the commands share, the config checks, the run folder's names.
-NOT_COMMANDS = {"midisc", "midisc.cli", "midisc.config", "midisc.run_folder"}
+# Top-level modules that are not commands: what the commands share, the config and command-line checks, the run
+# folder's names.
+NOT_COMMANDS = {"midisc", "midisc.cli", "midisc.config", "midisc.overrides", "midisc.run_folder"}
 
 
 def test_nothing_imports_a_command():
