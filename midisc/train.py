@@ -20,7 +20,6 @@ import time
 import traceback
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -45,7 +44,7 @@ from midisc.data.recipe import Recipe, Source
 from midisc.data.cache import SharedCache, cache_bytes
 from midisc.publish.publication import run_info
 from midisc.run_folder import CHECKPOINT_DIR, CURVES_FILENAME, PENDING_FILENAME
-from midisc.store import Store, UnknownRunError, db_argument, redact_url, storage_argument
+from midisc.store import Store, UnknownRunError, redact_url, storage_argument
 from midisc.store.journal import Journal
 from midisc.store.redaction import redact_console, redact_log_records, redact_text, scrub_hydra_files
 from midisc.training.callbacks import MetricsRecorder, ProgressBar
@@ -53,23 +52,10 @@ from midisc.training.checkpoints import (CheckpointError, Checkpointer, RunLock,
                                         resume_checkpoint, trainer_position, trim_curves)
 from midisc.training.finish import RunEnd, finish
 from midisc.training.module import SAEModule, StopOnNonFiniteLoss
+from midisc.training.outcome import Result, summary
 from midisc.training.run_log import log_into_run_folder, remove_unused_run_folder, to_file_only
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Result:
-    run_id: int | None
-    output_dir: Path
-    sae_dir: Path
-    metrics: dict[str, float]
-    seconds: float
-    sae: torch.nn.Module
-    frequency_bins: dict[str, int]  # features per firing-frequency bin, over the held-out tokens
-    dead_window: int = 0            # training tokens without firing after which a feature counts as dead
-    texts: int = 0                  # training texts
-    duplicates: int = 0             # texts dropped before the split, their content repeating an earlier one
 
 
 def recorded_config(cfg: DictConfig) -> dict:
@@ -341,29 +327,6 @@ def _train(cfg: DictConfig, output_dir: Path, store: Store | None, run_id: int |
     return Result(run_id=run_id, output_dir=output_dir, sae_dir=done.written.saelens, metrics=done.metrics,
                   seconds=0.0, sae=module.sae, frequency_bins=frequency_bins(done.analysed.analysis.stats.frequency.tolist()),
                   dead_window=module.dead_window)
-
-
-def summary(result: Result, db_url: str | None) -> str:
-    m = result.metrics
-    minutes, seconds = divmod(int(result.seconds), 60)
-    head = f"run {result.run_id} completed" if result.run_id is not None else "run completed (storage=none)"
-    lines = [f"{head} in {minutes}m{seconds:02d}s",
-             f"  run folder: {result.output_dir}",
-             f"  SAE:        {result.sae_dir}",
-             f"  database:   {redact_url(db_url) if db_url else 'none'}",
-             f"  held-out:   MSE {m['mse']:.4g}  FVU {m['fvu']:.3f}  L0 {m['l0']:.1f}",
-             f"  dead:       {100 * m['dead_frac']:.2f}% of features not fired in the last {result.dead_window:,} "
-             f"training tokens ({int(m['alive_features']):,} alive); {result.frequency_bins['never']:,} never fired "
-             f"on the {int(m['analysed_tokens']):,} held-out tokens",
-             f"  trained on: {int(m['n_tokens']):,} activation vectors per epoch, from {result.texts:,} texts "
-             f"({result.duplicates} duplicate texts dropped before the split)",
-             *([f"  spliced in: CE loss recovered {m['ce_loss_score']:.3f}  KL score {m['kl_div_score']:.3f} "
-                "(SAEBench core, evaluation_core.json)"] if "ce_loss_score" in m and "kl_div_score" in m else []),
-             "  features by firing frequency (held-out tokens): "
-             + "  ".join(f"{name} {count}" for name, count in result.frequency_bins.items())]
-    if result.run_id is not None:
-        lines.append(f"  explore:    python -m midisc.explore top {result.run_id}{db_argument(db_url)}")
-    return "\n".join(lines)
 
 
 def quiet_lightning() -> None:
