@@ -261,7 +261,8 @@ def _fit(cfg: DictConfig, output_dir: Path, store: Store | None, run_id: int | N
                           f"fewer than one batch of batch_size={cfg.batch_size}; raise max_samples or lower batch_size")
     source = recipe.open(tokens)
     sae = build_sae(cfg, d_in=source.width(heldout_ctx))  # before the harvest: a raw hook's checks run here
-    check_fits_in_memory(sae, OmegaConf.to_container(cfg.analysis))
+    if cfg.model.hook is not None:  # a standard site's SAE was checked on the meta device, before the weights
+        check_fits_in_memory(sae, OmegaConf.to_container(cfg.analysis))
     need = cache_bytes(expected + heldout_ctx.numel(), source.model.config.hidden_size, recipe.dtype,
                        tokens=heldout_ctx.numel())
     with make_cache(cfg, recipe.producer(), need) as cache:

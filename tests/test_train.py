@@ -303,6 +303,12 @@ def test_sizes_past_memory_are_refused_before_the_weights_load(tmp_path, tiny_ll
     assert not Store(f"sqlite:///{tmp_path / 'runs.db'}").list_runs()  # refused before a run was recorded
 
 
+def test_a_raw_hook_s_sae_past_memory_is_refused_before_the_harvest(tmp_path, tiny_llama, text_folder):
+    # A module path's width is known once the model has run one context: the check comes then, not before.
+    with pytest.raises(ConfigError, match="analysis keeps 1,000,000,000,010 examples"):
+        run_tiny(tmp_path, tiny_llama, text_folder, "model.hook=model.layers.0.mlp", "analysis.n_top=1000000000000")
+
+
 @pytest.mark.parametrize("resume, message", [(0, "resume must be a run id (an integer >= 1), got 0"),
                                              (7, "resume=7: no run with id 7")])
 def test_a_resume_of_no_run_names_the_setting(tmp_path, resume, message):
