@@ -31,9 +31,18 @@ SETTINGS = ["epochs=3", "checkpoint_every=4"]  # a checkpoint every few steps: m
 MAX_ATTEMPTS = 4  # resumes per trial; a run that needs more is a failure
 
 
+def start(args: list[str], cwd: Path, **env: str) -> subprocess.Popen:
+    """fault_child.py (`python -m midisc.train ARGS`) started in `cwd`, its output kept; `env` adds to the environment."""
+    return subprocess.Popen([sys.executable, str(CHILD), *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env})
+
+
 def child(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(CHILD), *args], cwd=cwd, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env})
+    """The same, waited for."""
+    proc = start(args, cwd, **env)
+    out, err = proc.communicate(timeout=600)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def twin(folder: Path, base: list[str]) -> tuple[str, int, dict[str, list[float]]]:

@@ -9,7 +9,6 @@ run passes when it is `completed` with every row of its uninterrupted twin.
 
 from __future__ import annotations
 
-import os
 import random
 import sqlite3
 import subprocess
@@ -22,7 +21,7 @@ from sqlalchemy.engine import make_url
 
 import fault_rows
 from db_write import postgres_url
-from fault_kills import REPO, SETTINGS
+from fault_kills import REPO, SETTINGS, start
 from fault_report import TRACEBACK, Section
 from midisc.run_folder import PENDING_FILENAME
 from midisc.store import Store
@@ -46,9 +45,7 @@ def _when_recorded(url: str, proc: subprocess.Popen, timeout: float = 120) -> bo
 
 
 def _start(base: list[str], url: str, folder: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(Path(__file__).with_name("fault_child.py")), *base, *SETTINGS,
-                             f"storage.url='{url}'"], cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    return start([*base, *SETTINGS, f"storage.url='{url}'"], folder)
 
 
 def _outcome(folder: Path, url: str, sync_url: str, proc: subprocess.Popen, twin: dict) -> tuple[str | None, int, bool]:

@@ -5,16 +5,13 @@ own, and exactly its uninterrupted twin's rows: none lost, none twice, no "datab
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import fault_rows
 from db_write import postgres_url
-from fault_kills import CHILD, REPO, SETTINGS
+from fault_kills import SETTINGS, start
 from fault_report import TRACEBACK, Section
 from midisc.store import Store
 
@@ -23,10 +20,7 @@ LOCKED = "database is locked"
 
 def together(folder: Path, base: list[str], url: str, writers: int) -> list[tuple[int, str, str]]:
     """Start `writers` runs within milliseconds of each other in `folder`; their (exit status, stdout, stderr)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(CHILD), *base, *SETTINGS, f"storage.url='{url}'"], cwd=folder,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for _ in range(writers)]
+    procs = [start([*base, *SETTINGS, f"storage.url='{url}'"], folder) for _ in range(writers)]
     ended = []
     for proc in procs:
         out, err = proc.communicate(timeout=900)
