@@ -27,6 +27,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from hypothesis.configuration import set_hypothesis_home_dir
+
 from fault_fuzz_config import config_keys
 from fault_fuzz_text import text_sources
 from fault_report import Section
@@ -35,6 +37,9 @@ from fault_report import Section
 def campaign(work: Path, base: list[str], quick: bool, seed: int) -> list[Section]:
     """Bad-input fuzzing: the config-keys and text-sources sections. `work` is an empty folder to write in;
     `base` the overrides of a tiny run (tiny.run_overrides), without storage."""
+    # Hypothesis caches its unicode tables under ./.hypothesis even with database=None; the campaign's own
+    # folder keeps the user's working folder clean.
+    set_hypothesis_home_dir(work / ".hypothesis")
     bound = 5 if quick else 8  # an accepted tiny run takes ~3 s; a longer one is cut, as Ctrl-C would
     sections = []
     for fuzz in (config_keys, text_sources):

@@ -38,7 +38,7 @@ import lightning as L
 from hydra import compose, initialize_config_dir
 
 import midisc.train
-from midisc.data import corpus, lm, recipe
+from midisc.data import lm, packing, recipe
 from midisc.training import finish
 from midisc.store import Store
 
@@ -106,7 +106,7 @@ def timed_run(overrides: list[str], folder: Path) -> dict[str, float]:
         cfg = compose(config_name="train", overrides=overrides)
     clock = PhaseClock()
     wraps = [(midisc.train, "load_corpus", "load"), (lm, "load_config", "load"), (lm, "resolve_hook", "load"),
-             (lm, "load_model", "load"), (corpus, "pack", "load"), (L.Trainer, "fit", "train"),
+             (lm, "load_model", "load"), (packing, "pack", "load"), (L.Trainer, "fit", "train"),
              (finish, "analyze_features", "analysis"), (finish, "evaluate", "analysis"), (finish, "publish", "export"),
              *((Store, name, "database") for name in STORE_CALLS)]
     with ExitStack() as patches:
