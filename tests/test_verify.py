@@ -132,11 +132,16 @@ def test_a_missing_target_is_one_line(tmp_path, capsys):
 def test_export_rewrites_the_files_and_leaves_the_recorded_weights(published, capsys, tmp_path):
     out, url, run_id = published
     weights = (out / "sae" / "sae_weights.safetensors").read_bytes()
+    with Store(url) as store:
+        profiles = store.feature_profiles(run_id, range(store.feature_count(run_id)))
+    set_db(url, "DELETE FROM feature_profiles")  # as for a run trained before the table existed
     shutil.rmtree(next(out.glob("*_neuronpedia")))
     assert export_main([str(run_id), "--db", url, "--set-name", "res-test"]) == 0
     (dashboards,) = out.glob("exports/*/*")  # the new set replaced the one it supersedes
     assert "res-test" in capsys.readouterr().out and dashboards.name.endswith("res-test")
     assert (out / "sae" / "sae_weights.safetensors").read_bytes() == weights
+    with Store(url) as store:  # the dashboards' profiles are measured again, the same
+        assert store.feature_profiles(run_id, range(len(profiles))) == profiles and len(profiles) == 128
     code, results, _ = checks(capsys, run_id, "--db", url, "--no-model", "--package")
     assert code == 0, results
     assert results["files present"]["status"] == "PASS"
@@ -146,6 +151,8 @@ def test_export_rewrites_the_files_and_leaves_the_recorded_weights(published, ca
     assert export_main([str(run_id), "--db", url, "--out", str(tmp_path / "elsewhere"), "--no-model"]) == 0
     assert (tmp_path / "elsewhere" / "sae" / "sae_weights.safetensors").read_bytes() == weights
     assert not (tmp_path / "elsewhere" / "exports").exists()
+    with Store(url) as store:  # an export without the model keeps the profiles it could not measure again
+        assert store.feature_profiles(run_id, range(len(profiles))) == profiles
 
 
 def test_statistics_replaced_after_export_are_reported_stale_until_exported_again(published, capsys):

@@ -7,6 +7,7 @@
 - `similar_features`: per feature, the features whose decoder directions are closest in cosine.
 
 All vectorised over features and chunked so 20k+ features fit in memory; nothing here knows of files.
+`profile_rows` turns them into the plain per-feature rows the store keeps for the feature browser.
 """
 
 from __future__ import annotations
@@ -124,3 +125,32 @@ def similar_features(w_dec: torch.Tensor, n: int = 10) -> tuple[torch.Tensor, to
         indices.append(top.indices.cpu())
         values.append(top.values.cpu())
     return torch.cat(indices), torch.cat(values)
+
+
+def _bins(hist: Histograms, i: int, digits: int = 5) -> dict:
+    """One feature's bars as {"low", "high", "heights"}: the bins are equal, so two edges give them all."""
+    centres = hist.centres[i].tolist()
+    half = (centres[1] - centres[0]) / 2 if len(centres) > 1 else 0.0
+    return {"low": round(centres[0] - half, digits), "high": round(centres[-1] + half, digits),
+            "heights": [int(h) for h in hist.heights[i].tolist()]}
+
+
+def profile_rows(d_sae: int, density: Histograms | None, outputs: OutputEffects | None,
+                 output_tokens: tuple[list[list[str]], list[list[str]]] | None,
+                 similar: tuple[torch.Tensor, torch.Tensor] | None) -> list[dict]:
+    """Per feature, {"feature_index", "profile"}: what a dashboard shows besides examples, as plain JSON
+    (the store's feature_profiles). Whatever was not measured (None) is left out of every profile."""
+    rows = []
+    for i in range(d_sae):
+        profile: dict = {}
+        if density is not None:
+            profile["density"] = _bins(density, i)
+        if outputs is not None and output_tokens is not None:
+            profile["promoted"] = [[t, round(v, 4)] for t, v in zip(output_tokens[0][i], outputs.top_values[i].tolist())]
+            profile["suppressed"] = [[t, round(v, 4)]
+                                     for t, v in zip(output_tokens[1][i], outputs.bottom_values[i].tolist())]
+            profile["logits"] = _bins(outputs.histograms, i, 4)
+        if similar is not None:
+            profile["similar"] = [[j, round(c, 4)] for j, c in zip(similar[0][i].tolist(), similar[1][i].tolist())]
+        rows.append({"feature_index": i, "profile": profile})
+    return rows

@@ -5,7 +5,8 @@ Plain Python values go in and come out; the same code runs on SQLite and Postgre
 """
 
 from midisc.store.engine import StoreError, db_argument, default_db_url, redact_url, storage_argument
+from midisc.store.pages import Page, PageError
 from midisc.store.records import Store, UnknownRunError
 
-__all__ = ["Store", "StoreError", "UnknownRunError", "db_argument", "default_db_url", "redact_url",
+__all__ = ["Page", "PageError", "Store", "StoreError", "UnknownRunError", "db_argument", "default_db_url", "redact_url",
            "storage_argument"]

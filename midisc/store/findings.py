@@ -1,4 +1,5 @@
-"""What was found in a trained SAE: each feature's example contexts, and features scored against concepts.
+"""What was found in a trained SAE: each feature's example contexts and dashboard profile, and features scored
+against concepts.
 
 `FindingsMixin` gives `Store` these writes and reads; it lives apart so `records.py` stays about runs.
 Like every Store call, each method is one short session and transaction.
@@ -14,8 +15,8 @@ from sqlalchemy import case, delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from midisc.store.bulk import insert_rows
-from midisc.store.tables import EXAMPLE_KINDS, ConceptScore, FeatureExample, TrainingRun, as_dict
-from midisc.store.values import finite_float, finite_float_list
+from midisc.store.tables import EXAMPLE_KINDS, ConceptScore, FeatureExample, FeatureProfile, TrainingRun, as_dict
+from midisc.store.values import finite_float, finite_float_list, finite_json
 
 EXAMPLE_KEYS = frozenset(
     ("feature_index", "kind", "rank", "activation", "context_index", "token_index", "max_token_index", "tokens",
@@ -181,6 +182,37 @@ class FindingsMixin:
                 for chunk in chunks
                 for row in session.execute(query.where(table.c.feature_index.in_(chunk))).mappings()
             ]
+
+    # ----- feature profiles --------------------------------------------------------------------
+
+    def add_feature_profiles(self, run_id: int, profiles: Sequence[dict[str, Any]]) -> int:
+        """Record each feature's dashboard profile ({"feature_index": i, "profile": {...}}, see
+        tables.FeatureProfile); replaces all the run's earlier profiles. Returns rows written."""
+        rows = []
+        for item in profiles:
+            feature = _whole(item["feature_index"], "feature_index")
+            rows.append({"run_id": run_id, "feature_index": feature,
+                         "profile": finite_json(item["profile"], f"feature {feature} profile")})
+        _refuse_duplicates(rows, ("feature_index",), "feature profile")
+        with self._sessions.begin() as session:
+            self._run(session, run_id)
+            session.execute(delete(FeatureProfile).where(FeatureProfile.run_id == run_id))
+            if rows:
+                insert_rows(session, FeatureProfile.__table__, rows)
+        return len(rows)
+
+    def feature_profiles(self, run_id: int, features: Sequence[int]) -> dict[int, dict[str, Any]]:
+        """{feature_index: profile} of those of `features` that have one."""
+        wanted = sorted({_whole(f, "each of features") for f in features})
+        table = FeatureProfile.__table__
+        with self._sessions() as session:
+            self._run(session, run_id)
+            return {index: profile
+                    for start in range(0, len(wanted), FEATURES_PER_QUERY)
+                    for index, profile in session.execute(
+                        select(table.c.feature_index, table.c.profile).where(
+                            table.c.run_id == run_id,
+                            table.c.feature_index.in_(wanted[start:start + FEATURES_PER_QUERY])))}
 
     # ----- concept scores -----------------------------------------------------------------------
 

@@ -40,7 +40,7 @@ PENDING_FILENAME = "pending_db_writes.jsonl"
 OUTAGE_ERRORS = (OperationalError, InterfaceError)
 # Every one takes the run id as its first argument, which a replay into a recreated run rewrites.
 WRITES = frozenset({"reopen_run", "update_run", "update_metrics", "finish_run", "add_epoch_metrics", "add_features",
-                    "add_feature_examples", "add_sae_model", "add_evaluation"})
+                    "add_feature_examples", "add_feature_profiles", "add_sae_model", "add_evaluation"})
 # What `recreate` needs to record the run again: Store.start_run's arguments.
 RUN_FIELDS = ("model", "hook", "layer", "architecture", "config", "output_dir", "d_in", "d_sae", "sweep_id",
               "overrides")

@@ -1,4 +1,4 @@
-"""The six tables that record training runs and what was found in them, as SQLAlchemy 2.0 declarative models.
+"""The tables that record training runs and what was found in them, as SQLAlchemy 2.0 declarative models.
 
 These models are the schema's present; the Alembic revisions in `midisc/store/migrations/versions` are its
 history, and `midisc.store.schema` brings a database up to them. A change here needs a new revision too:
@@ -222,3 +222,23 @@ class Evaluation(Base):
     tokens: Mapped[int] = mapped_column(Integer)  # tokens whose next-token loss was measured with the SAE spliced in
     result: Mapped[dict[str, Any]]
     created_at: Mapped[datetime] = mapped_column(default=utc_now)
+
+
+class FeatureProfile(Base):
+    """What a feature's dashboard shows beyond its examples, measured when the run was published.
+
+    `profile` holds plain JSON: `density` (its nonzero activations counted in equal bins between their
+    min and max: {"low", "high", "heights"}), `promoted` and `suppressed` (the output tokens its decoder
+    direction raises and lowers most: [[token, logit], ...]), `logits` (that effect over the whole
+    vocabulary, binned like density) and `similar` (the features with the closest decoder directions:
+    [[feature, cosine], ...]). Keys a run could not measure (output tokens of a hook that is not residual
+    width) are absent.
+    """
+
+    __tablename__ = "feature_profiles"
+    __table_args__ = (UniqueConstraint("run_id", "feature_index", name="feature_profiles_run_index"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("training_runs.id", ondelete="CASCADE"), index=True)
+    feature_index: Mapped[int] = mapped_column(Integer)
+    profile: Mapped[dict[str, Any]]

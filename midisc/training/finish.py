@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from midisc.analysis.features import FeatureAnalysis, analyze, example_rows
 from midisc.analysis.metrics import reconstruction_metrics
+from midisc.analysis.profiles import profile_rows
 from midisc.analysis.saebench import EVAL_TYPE, core_report, headline, reconstruction
 from midisc.analysis.splice import splice_totals
 from midisc.data.activations import ContextChunk
@@ -109,6 +110,15 @@ def publish(pub: Publication, out: Path, acts: Sequence[torch.Tensor], source: S
     return write_all(pub, out, neuronpedia=neuronpedia, weights=weights, features_per_batch=features_per_batch)
 
 
+def record_profiles(store: Store | None, run_id: int | None, pub: Publication) -> int:
+    """Each feature's dashboard profile (density, output tokens, similar features) in the store, for the feature
+    browser, replacing earlier ones; nothing when publishing measured none (no model at hand). Returns rows."""
+    if store is None or pub.activation_histograms is None:
+        return 0
+    return store.add_feature_profiles(run_id, profile_rows(pub.sae.d_sae, pub.activation_histograms, pub.outputs,
+                                                           pub.output_tokens, pub.similar))
+
+
 EXPORT_DEFAULTS = {"neuronpedia": True, "set_name": None, "features_per_batch": 128, "output_tokens": 10}
 
 
@@ -139,9 +149,11 @@ def republish(store: Store, run: OpenedRun, source: Source | None, heldout: list
     out = Path(out or run.row["output_dir"])
     # Into the run's own folder the recorded weights stay untouched (their checksum is on record).
     same = (out / SAE_FOLDER).resolve() == run.sae_dir.resolve()
-    return publish(pub, out, acts, source, neuronpedia=neuronpedia,
-                   features_per_batch=features_per_batch or export["features_per_batch"],
-                   output_tokens=export["output_tokens"], weights=not same)
+    written = publish(pub, out, acts, source, neuronpedia=neuronpedia,
+                      features_per_batch=features_per_batch or export["features_per_batch"],
+                      output_tokens=export["output_tokens"], weights=not same)
+    record_profiles(store, run.id, pub)
+    return written
 
 
 def record_sae(store: Store | None, run_id: int | None, sae: SparseAutoencoder, written: Written) -> None:
@@ -202,4 +214,5 @@ def finish(run: RunEnd, analysis: dict, evaluation: dict, export: dict, progress
     written = publish(pub, run.output_dir, acts, run.source, neuronpedia=export["neuronpedia"],
                       features_per_batch=export["features_per_batch"], output_tokens=export["output_tokens"])
     record_sae(run.store, run.run_id, run.sae, written)
+    record_profiles(run.store, run.run_id, pub)
     return Finished(analysed, metrics, report, written)

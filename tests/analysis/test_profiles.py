@@ -76,3 +76,28 @@ def test_unembedding_folds_the_final_norm_weight(tiny_llama):
     # The logit change of a direction added to the last hidden state, with the norm's 1/rms fixed.
     h = torch.randn(model.config.hidden_size)
     assert torch.allclose(model.lm_head(model.model.norm.weight * h), lm.unembedding(model) @ h, atol=1e-5)
+
+
+def test_profile_rows_hold_each_feature_s_profile_as_plain_json():
+    sae, x = relu_sae(), torch.randn(300, 8)
+    density = profiles.activation_histograms(sae, [x], bins=6)
+    outputs = profiles.output_effects(sae.W_dec.detach(), torch.randn(30, 8), n=3, bins=5)
+    tokens = (profiles.token_lists(outputs.top_ids, lambda ids: [f"t{i}" for i in ids]),
+              profiles.token_lists(outputs.bottom_ids, lambda ids: [f"t{i}" for i in ids]))
+    similar = profiles.similar_features(sae.W_dec.detach(), n=2)
+    rows = profiles.profile_rows(sae.d_sae, density, outputs, tokens, similar)
+    assert [r["feature_index"] for r in rows] == list(range(sae.d_sae))
+    for f, row in enumerate(rows):
+        p = row["profile"]
+        assert p["density"]["heights"] == density.heights[f].tolist()
+        # Equal bins: the two stored edges give back every centre.
+        width = (p["density"]["high"] - p["density"]["low"]) / 6
+        centres = [p["density"]["low"] + (i + 0.5) * width for i in range(6)]
+        assert centres == pytest.approx(density.centres[f].tolist(), abs=1e-4)
+        assert [t for t, _ in p["promoted"]] == [f"t{i}" for i in outputs.top_ids[f].tolist()]
+        assert [v for _, v in p["suppressed"]] == pytest.approx(outputs.bottom_values[f].tolist(), abs=1e-4)
+        assert sum(p["logits"]["heights"]) == 30
+        assert [j for j, _ in p["similar"]] == similar[0][f].tolist() and f not in [j for j, _ in p["similar"]]
+    # What was not measured (a hook that is not residual width: no output tokens) is left out.
+    bare = profiles.profile_rows(sae.d_sae, density, None, None, similar)
+    assert set(bare[0]["profile"]) == {"density", "similar"}
