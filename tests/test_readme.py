@@ -67,6 +67,23 @@ def test_main_command_trains_the_default_sae_to_the_quality_bar(tmp_path):
     assert proc.returncode == 0 and "0 failed" in proc.stdout, proc.stdout + proc.stderr[-2000:]
 
 
+def serves(words: list[str], cwd) -> None:
+    """`python -m midisc.serve ...` as written, on a free port: it must answer with the run list, then stop."""
+    import urllib.request
+
+    from test_serve import free_port, serve
+
+    args = [w for i, w in enumerate(words) if w != "--port" and (i == 0 or words[i - 1] != "--port")]
+    port = free_port()
+    server = serve(args, cwd, port)
+    try:
+        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30).read().decode()
+        assert 'href="/runs/' in page, page[-2000:]
+    finally:
+        server.terminate()
+        server.communicate(timeout=30)
+
+
 @pytest.mark.slow
 def test_every_other_readme_command_runs(tmp_path):
     commands = other_commands()
@@ -82,6 +99,9 @@ def test_every_other_readme_command_runs(tmp_path):
             if "experiment=seed_phi2" in command:  # Phi-2 is not on this machine: one clear line
                 assert proc.returncode == 2 and "microsoft/phi-2' is not available" in proc.stderr, proc.stderr
                 continue
+        elif words[1:3] == ["-m", "midisc.serve"]:  # a server runs until stopped: ask it for a page, stop it
+            serves(words[3:], tmp_path)
+            continue
         else:
             proc = subprocess.run([sys.executable, *fewer_tokens(words[1:])], cwd=tmp_path,
                                   capture_output=True, text=True, timeout=120)
