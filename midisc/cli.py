@@ -36,7 +36,8 @@ USER_ERRORS = (("midisc.cli", "UsageError"), ("midisc.config", "ConfigError"), (
                ("midisc.data.corpus", "CorpusError"), ("midisc.data.cache", "CacheError"),
                ("midisc.analysis.concepts", "ConceptError"), ("midisc.store.engine", "StoreError"),
                ("midisc.store.records", "UnknownRunError"), ("midisc.training.reopen", "RunError"),
-               ("midisc.training.module", "NonFiniteLossError"), ("midisc.training.checkpoints", "CheckpointError"))
+               ("midisc.training.module", "NonFiniteLossError"), ("midisc.training.checkpoints", "CheckpointError"),
+               ("midisc.interpretation.backends", "BackendError"))
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

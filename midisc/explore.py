@@ -6,6 +6,7 @@
     python -m midisc.explore top RUN [--by frequency|max|mean] [--n 20]
     python -m midisc.explore analyze RUN
     python -m midisc.explore details RUN FEATURE [--no-model]
+    python -m midisc.explore explanations RUN [--search TEXT]              # from python -m midisc.autointerp
 
 Every command takes --json (for scripts) and --db URL. Everything shown comes from the database, so no
 model is needed, except for a feature's output tokens in `details` (skipped with --no-model).
@@ -221,6 +222,29 @@ def _histogram_text(edges: list[float], counts: list[int], never: int) -> Text:
     return text
 
 
+def cmd_explanations(args: argparse.Namespace, console: Console) -> int:
+    with open_store(args.db) as store:
+        rows = store.explanations(args.run, search=args.search)
+    if args.json:
+        print_json(rows)
+        return 0
+    if not rows:
+        said = f" matching {args.search!r}" if args.search else ""
+        console.print(f"run {args.run} has no explanations{said}; "
+                      f"make them with python -m midisc.autointerp {args.run}{db_hint(args)}", markup=False)
+        return 0
+    table = make_table(console, "feature", "explanation", "detection", "fuzzing", "explainer",
+                       title=f"run {args.run}: {len(rows)} explanations (balanced accuracy; shuffled baseline in "
+                             "brackets, 0.5 is chance)", right=("feature", "detection", "fuzzing"))
+    for r in rows:
+        table.add_row(str(r["feature_index"]), r["explanation"],
+                      f"{number(r['detection'], 2)} ({number(r['baseline_detection'], 2)})",
+                      f"{number(r['fuzzing'], 2)} ({number(r['baseline_fuzzing'], 2)})",
+                      f"{r['explainer']} {r['prompt_version']}")
+    console.print(table)
+    return 0
+
+
 def cmd_details(args: argparse.Namespace, console: Console) -> int:
     with open_store(args.db) as store:
         features = _features(store, args.run, db_hint(args))
@@ -228,11 +252,13 @@ def cmd_details(args: argparse.Namespace, console: Console) -> int:
             raise UsageError(f"run {args.run} has no feature {args.feature}; its features are 0-{len(features) - 1}")
         feature = features[args.feature]
         examples = store.feature_examples(args.run, features=[args.feature])
+        explained = store.explanations(args.run, features=[args.feature])
         effects = None if args.no_model else logit_effects(store, args.run, args.feature, args.n_tokens)
     by_freq = sorted(features, key=lambda f: -(f["frequency"] or 0.0))
     report = {"feature": args.feature, "frequency": feature["frequency"], "mean_activation": feature["mean_activation"],
               "max_activation": feature["max_activation"], "is_dead": feature["is_dead"],
-              "frequency_rank": by_freq.index(feature) + 1, "examples": examples, "output_tokens": effects}
+              "frequency_rank": by_freq.index(feature) + 1, "examples": examples, "output_tokens": effects,
+              "explanations": explained}
     if args.json:
         print_json(report)
         return 0
@@ -240,6 +266,10 @@ def cmd_details(args: argparse.Namespace, console: Console) -> int:
                   f"(rank {report['frequency_rank']:,} of {len(features):,}), mean {number(feature['mean_activation'])}, "
                   f"max {number(feature['max_activation'])}" + (", dead in training" if feature["is_dead"] else ""),
                   markup=False)
+    for e in explained:
+        scores = (f"; detection {number(e['detection'], 2)} (shuffled {number(e['baseline_detection'], 2)}), fuzzing "
+                  f"{number(e['fuzzing'], 2)} (shuffled {number(e['baseline_fuzzing'], 2)})") if e["scorer"] else ""
+        console.print(f"explanation ({e['explainer']}, {e['prompt_version']}): {e['explanation']}{scores}", markup=False)
     if not examples:
         console.print("no examples: the feature never fired on the analysed tokens")
     for kind, title in (("top", "strongest examples"), ("quantile", "examples sampled from all its firing tokens")):
@@ -292,13 +322,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     details.add_argument("--n", type=int, default=10, help="examples of each kind to show (default 10)")
     details.add_argument("--n-tokens", type=int, default=10, help="boosted/suppressed output tokens (default 10)")
     details.add_argument("--no-model", action="store_true", help="skip the output tokens (they load the model)")
+    explained = command("explanations", "a run's features explained in words (python -m midisc.autointerp)")
+    explained.add_argument("run", type=int)
+    explained.add_argument("--search", metavar="TEXT", help="only explanations containing TEXT (any case)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     handler = {"list": cmd_list, "sweeps": cmd_sweeps, "compare": cmd_compare, "top": cmd_top, "analyze": cmd_analyze,
-               "details": cmd_details}[args.command]
+               "details": cmd_details, "explanations": cmd_explanations}[args.command]
     return handler(args, make_console())
 
 

@@ -36,6 +36,7 @@ QUICK_KEYS = {
     "pipeline.py": {"default_run", "sweep"},
     "precision.py": {"runs", "fvu_change", "step_speedup", "pass"},
     "faults.py": {"rows", "targets_met", "kills_resumed_exactly", "rows_lost", "tracebacks"},
+    "autointerp.py": {"rows", "targets_met", "detection_margin"},
 }
 # The fault campaign's quick mode is a few minutes of real runs; the others take seconds.
 TIMEOUT_S = {"faults.py": 1200}

@@ -33,11 +33,11 @@ def at_0001(url: str) -> str:
 def test_init_then_check_on_postgres(postgres_url, tmp_path, capsys) -> None:
     made = run_cli(["midisc.db", "init", "--db", postgres_url], cwd=tmp_path)
     assert made.returncode == 0, made.stderr
-    assert made.stdout == f"created the midisc tables in {redact_url(postgres_url)} at revision 0005\n"
+    assert made.stdout == f"created the midisc tables in {redact_url(postgres_url)} at revision 0006\n"
     assert main(["check", "--db", postgres_url]) == 0
     captured = capsys.readouterr()
     assert captured.err == ""
-    assert "revision: 0005" in captured.out and "tables:   match the models" in captured.out
+    assert "revision: 0006" in captured.out and "tables:   match the models" in captured.out
 
 
 def test_newer_database_is_an_error_in_one_line(sqlite_url, tmp_path) -> None:
@@ -57,22 +57,22 @@ def test_upgrade_from_0001_then_already_at_head(backend, request, capsys) -> Non
     url = at_0001(request.getfixturevalue(f"{backend}_url"))
     shown = redact_url(url)
     assert main(["upgrade", "--db", url]) == 0
-    assert capsys.readouterr().out == f"upgraded {shown} from 0001 to 0005\n"
+    assert capsys.readouterr().out == f"upgraded {shown} from 0001 to 0006\n"
     assert main(["upgrade", "--db", url, "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == {"database": shown, "before": "0005", "after": "0005"}
+    assert json.loads(capsys.readouterr().out) == {"database": shown, "before": "0006", "after": "0006"}
     assert main(["upgrade", "--db", url]) == 0
-    assert capsys.readouterr().out == f"{shown} is already at head 0005\n"
+    assert capsys.readouterr().out == f"{shown} is already at head 0006\n"
 
 
 def test_init_on_a_database_that_has_the_tables(sqlite_url, capsys) -> None:
     assert main(["init", "--db", sqlite_url]) == 0
     assert main(["init", "--db", sqlite_url]) == 0
-    assert capsys.readouterr().out.splitlines()[1] == f"{sqlite_url} is already at revision 0005"
+    assert capsys.readouterr().out.splitlines()[1] == f"{sqlite_url} is already at revision 0006"
 
 
 def test_init_on_an_older_database_points_to_upgrade(sqlite_url, capsys) -> None:
     assert main(["init", "--db", at_0001(sqlite_url)]) == 0
-    assert capsys.readouterr().out == (f"{sqlite_url} is already at revision 0001 (head is 0005: "
+    assert capsys.readouterr().out == (f"{sqlite_url} is already at revision 0001 (head is 0006: "
                                        f"run python -m midisc.db upgrade --db {sqlite_url})\n")
 
 
@@ -88,8 +88,8 @@ def test_check_an_older_database(backend, request, capsys) -> None:
     url = at_0001(request.getfixturevalue(f"{backend}_url"))
     assert main(["check", "--db", url]) == 1
     captured = capsys.readouterr()
-    assert captured.err == f"database at 0001, head is 0005: run python -m midisc.db upgrade --db {redact_url(url)}\n"
-    assert "head:     0005" in captured.out
+    assert captured.err == f"database at 0001, head is 0006: run python -m midisc.db upgrade --db {redact_url(url)}\n"
+    assert "head:     0006" in captured.out
 
 
 def test_check_finds_tables_that_drifted_from_the_models(sqlite_url, capsys) -> None:
@@ -102,10 +102,10 @@ def test_check_finds_tables_that_drifted_from_the_models(sqlite_url, capsys) -> 
     assert main(["check", "--db", sqlite_url, "--json"]) == 1
     captured = capsys.readouterr()
     report = json.loads(captured.out)
-    assert (report["revision"], report["current"], report["matches"]) == ("0005", True, False)
+    assert (report["revision"], report["current"], report["matches"]) == ("0006", True, False)
     assert sorted(report["differences"]) == ["add_index training_runs_sweep_id on training_runs",
                                              "remove_column training_runs.note"]
-    assert captured.err.startswith("database at head 0005, but its tables differ from the models in 2 place(s): ")
+    assert captured.err.startswith("database at head 0006, but its tables differ from the models in 2 place(s): ")
 
 
 def test_check_without_db_uses_the_default_and_suggests_no_url(sqlite_url, monkeypatch, capsys) -> None:
@@ -113,7 +113,7 @@ def test_check_without_db_uses_the_default_and_suggests_no_url(sqlite_url, monke
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MIDISC_DB_URL", at_0001(sqlite_url))
     assert main(["check"]) == 1
-    assert capsys.readouterr().err == "database at 0001, head is 0005: run python -m midisc.db upgrade\n"
+    assert capsys.readouterr().err == "database at 0001, head is 0006: run python -m midisc.db upgrade\n"
 
 
 def test_postgres_url_from_variables_escapes_and_hides_the_password(monkeypatch) -> None:

@@ -80,6 +80,7 @@ def test_nothing_imports_a_command():
 def test_the_lower_packages_import_only_what_their_docstrings_allow():
     allowed = {"analysis": {"analysis", "sae", "data"}, "publish": {"publish", "sae", "analysis", "run_folder"},
                "store": {"store"}, "web": {"web", "store", "analysis", "data", "sae"},
+               "interpretation": {"interpretation", "sae", "data", "analysis", "store"},
                "training": {"training", "sae", "data", "analysis", "store", "publish", "run_folder"}}
     wrong = {}
     for name, deps in imports().items():

@@ -15,7 +15,7 @@ from sqlalchemy import String, and_, cast, exists, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from midisc.store.tables import (RUN_STATUSES, ConceptScore, DiscoveredFeature, EpochMetric, FeatureExample,
-                                 TrainingRun)
+                                 FeatureExplanation, TrainingRun)
 
 MAX_PAGE = 500  # rows a page may ask for
 
@@ -94,7 +94,7 @@ class PagesMixin:
         """The run's feature statistics, sorted by `sort` (FEATURE_SORTS; concept_score needs `concept`).
 
         `search`: a feature index, or text that one of the feature's top examples contains (a token or part
-        of one). `concept` adds each feature's AUROC for it (`concept_score`); `alive` keeps features that fired.
+        of one) or its explanation does. `concept` adds each feature's AUROC for it (`concept_score`); `alive` keeps features that fired.
         """
         _check(sort, FEATURE_SORTS, offset, limit)
         if sort == "concept_score" and concept is None:
@@ -107,10 +107,12 @@ class PagesMixin:
         if search and search.strip().isdigit():
             where.append(table.c.feature_index == int(search))
         elif search:
-            examples = FeatureExample.__table__
-            where.append(exists().where(examples.c.run_id == run_id,
-                                        examples.c.feature_index == table.c.feature_index, examples.c.kind == "top",
-                                        _like(cast(examples.c.tokens, String), search)))
+            examples, explained = FeatureExample.__table__, FeatureExplanation.__table__
+            where.append(or_(
+                exists().where(examples.c.run_id == run_id, examples.c.feature_index == table.c.feature_index,
+                               examples.c.kind == "top", _like(cast(examples.c.tokens, String), search)),
+                exists().where(explained.c.run_id == run_id, explained.c.feature_index == table.c.feature_index,
+                               _like(explained.c.explanation, search))))
         columns = [table.c.feature_index, table.c.frequency, table.c.mean_activation, table.c.max_activation,
                    table.c.is_dead]
         source = table

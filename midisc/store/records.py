@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from midisc.store.bulk import insert_rows
 from midisc.store.engine import StoreError, connect, database_identity, parse_url
+from midisc.store.explanations import ExplanationsMixin
 from midisc.store.findings import FindingsMixin
 from midisc.store.pages import PagesMixin
 from midisc.store.schema import ensure_current
@@ -47,11 +48,12 @@ class UnknownRunError(KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-class Store(FindingsMixin, PagesMixin):
+class Store(FindingsMixin, ExplanationsMixin, PagesMixin):
     """The record of training runs in a SQL database (SQLite file or PostgreSQL server).
 
     The writes and reads of feature examples, profiles and concept scores come from `FindingsMixin`
-    (findings.py); the paged, sorted reads the feature browser lists from `PagesMixin` (pages.py).
+    (findings.py); explanations in words from `ExplanationsMixin` (explanations.py); the paged, sorted reads the
+    feature browser lists from `PagesMixin` (pages.py).
     """
 
     def __init__(self, url: str) -> None:

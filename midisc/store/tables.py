@@ -242,3 +242,35 @@ class FeatureProfile(Base):
     run_id: Mapped[int] = mapped_column(ForeignKey("training_runs.id", ondelete="CASCADE"), index=True)
     feature_index: Mapped[int] = mapped_column(Integer)
     profile: Mapped[dict[str, Any]]
+
+
+class FeatureExplanation(Base):
+    """A feature explained in words by a language model, and how well the explanation predicts where it fires.
+
+    One row per run, feature, explainer and prompt version, so a run explained again with the same explainer
+    and prompt continues where it stopped, and another explainer's explanations sit beside it.
+    """
+
+    __tablename__ = "feature_explanations"
+    __table_args__ = (
+        UniqueConstraint("run_id", "feature_index", "explainer", "prompt_version",
+                         name="feature_explanations_run_feature_explainer_prompt"),
+        Index("feature_explanations_run_feature", "run_id", "feature_index"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("training_runs.id", ondelete="CASCADE"), index=True)
+    feature_index: Mapped[int] = mapped_column(Integer)
+    explainer: Mapped[str] = mapped_column(String(256))      # the explaining model, e.g. "SmolLM2-135M-Instruct"
+    scorer: Mapped[str | None] = mapped_column(String(256))  # the scoring model; None until scored
+    prompt_version: Mapped[str] = mapped_column(String(32))
+    explanation: Mapped[str] = mapped_column(Text)
+    # Balanced accuracy of the scorer given the explanation: activating vs non-activating contexts (detection),
+    # correctly vs randomly marked tokens (fuzzing); the same with another feature's explanation (baseline).
+    detection: Mapped[float | None] = mapped_column(Float)
+    fuzzing: Mapped[float | None] = mapped_column(Float)
+    baseline_detection: Mapped[float | None] = mapped_column(Float)
+    baseline_fuzzing: Mapped[float | None] = mapped_column(Float)
+    scores: Mapped[dict[str, Any] | None]  # every figure: AUROC, counts, the answers
+    examples: Mapped[dict[str, Any]]       # which examples explained it and which scored it
+    created_at: Mapped[datetime] = mapped_column(default=utc_now)

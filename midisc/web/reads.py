@@ -58,11 +58,13 @@ def features(store: Store, run_id: int, *, sort: str = "frequency", descending: 
              limit: int = PAGE_SIZE) -> dict[str, Any]:
     found = store.feature_page(run_id, sort=sort, descending=descending, offset=(max(page, 1) - 1) * limit,
                                limit=limit, search=search or None, concept=concept or None, alive=alive)
-    best = {e["feature_index"]: e for e in store.feature_examples(
-        run_id, features=[r["feature_index"] for r in found.rows], kind="top", max_rank=1)}
+    shown = [r["feature_index"] for r in found.rows]
+    best = {e["feature_index"]: e for e in store.feature_examples(run_id, features=shown, kind="top", max_rank=1)}
+    explained = store.latest_explanations(run_id, shown)
     for row in found.rows:
         example = best.get(row["feature_index"])
         row["example"] = views.example_view(example, row["max_activation"]) if example else None
+        row["explanation"] = explained.get(row["feature_index"], {}).get("explanation")
     return _paging(found, sort=sort, desc=int(descending), q=search, concept=concept, alive=int(alive))
 
 
@@ -86,6 +88,9 @@ def feature(store: Store, run_id: int, index: int) -> dict[str, Any]:
             "density": views.bars(profile.get("density")), "logits": views.bars(profile.get("logits")),
             "promoted": profile.get("promoted"), "suppressed": profile.get("suppressed"),
             "similar": profile.get("similar"), "has_profile": bool(profile), "concepts": scores,
+            "explanations": [{k: e[k] for k in ("explanation", "explainer", "scorer", "prompt_version", "detection",
+                                                "fuzzing", "baseline_detection", "baseline_fuzzing")}
+                             for e in store.explanations(run_id, features=[index])],
             "neighbours": views.neighbours(index, width)}
 
 

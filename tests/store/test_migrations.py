@@ -25,7 +25,7 @@ from midisc.store.schema import (
     schema_differences,
 )
 
-# What revisions 0002 to 0005 add; a database at 0001 differs from the models in exactly these.
+# What revisions 0002 to 0006 add; a database at 0001 differs from the models in exactly these.
 CHANGES_AFTER_0001 = {
     "add_column training_runs.sweep_id",
     "add_column training_runs.overrides",
@@ -36,6 +36,9 @@ CHANGES_AFTER_0001 = {
     "add_index training_runs_run_uuid on training_runs",
     "add_table feature_profiles",
     "add_index ix_feature_profiles_run_id on feature_profiles",
+    "add_table feature_explanations",
+    "add_index ix_feature_explanations_run_id on feature_explanations",
+    "add_index feature_explanations_run_feature on feature_explanations",
 }
 
 
@@ -137,7 +140,7 @@ def test_database_at_an_older_revision_is_upgraded_with_one_line(db_url, capsys)
 def test_database_from_a_newer_midisc_is_refused(db_url) -> None:
     Store(db_url).close()
     execute(db_url, "UPDATE alembic_version SET version_num = '0099'")
-    with pytest.raises(StoreError, match=r"revision 0099, .*newest is 0005\): upgrade midisc$") as caught:
+    with pytest.raises(StoreError, match=r"revision 0099, .*newest is 0006\): upgrade midisc$") as caught:
         Store(db_url)
     assert "\n" not in str(caught.value)
 

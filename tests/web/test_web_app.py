@@ -204,3 +204,18 @@ def test_a_sweep_page_puts_its_jobs_on_the_frontier(tmp_path: Path):
         points = json.loads(charts)["frontier"]
         assert [(p["overrides"], p["pareto"]) for p in points] == [("sae.k=16", True), ("sae.k=32", True),
                                                                    ("sae.k=64", False)]
+
+
+def test_explanations_show_on_the_dashboard_and_the_feature_list_finds_them(published):
+    _, url, run_id = published
+    with Store(url) as store:
+        row = store.add_explanation(run_id, 7, explainer="local:tiny", prompt_version="v1",
+                                    explanation="words about money", examples={"explain": []})
+        store.score_explanation(row, scorer="local:tiny", scores={"detection": 0.75, "fuzzing": 0.5,
+                                                                  "baseline_detection": 0.5, "baseline_fuzzing": 0.5})
+    with TestClient(create_app(url, None)) as client:
+        page = client.get(f"/runs/{run_id}/features/7").text
+        assert "“words about money”" in page and "detection 0.75 (shuffled 0.50)" in page
+        assert "not explained yet: python -m midisc.autointerp" in client.get(f"/runs/{run_id}/features/8").text
+        found = client.get(f"/api/runs/{run_id}/features", params={"q": "MONEY"}).json()
+        assert [(r["feature_index"], r["explanation"]) for r in found["rows"]] == [(7, "words about money")]
