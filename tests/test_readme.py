@@ -43,6 +43,16 @@ def fewer_tokens(words: list[str]) -> list[str]:
     return [str(min(int(w), 4000)) if i and words[i - 1] == "--tokens" else w for i, w in enumerate(words)]
 
 
+def fewer_features(words: list[str]) -> list[str]:
+    """autointerp on 2 features with few examples: the command is what is tested, not an hour of SmolLM2."""
+    if "midisc.autointerp" not in words:
+        return words
+    kept = [w for i, w in enumerate(words) if w not in ("--features", "--top")
+            and words[i - 1] not in ("--features", "--top") and not w.startswith("examples.")]
+    return kept + ["--top", "2", "examples.explain=4", "examples.detect=2", "examples.non_activating=2",
+                   "examples.fuzz=2", "pool_contexts=4", "explainer.max_new_tokens=8"]
+
+
 def other_commands() -> list[str]:
     """Every `python ...` line after the first two blocks, but the benchmarks: tests/test_bench.py runs those."""
     return [line.split("  #")[0].strip() for block in bash_blocks()[2:] for line in block.splitlines()
@@ -103,7 +113,7 @@ def test_every_other_readme_command_runs(tmp_path):
             serves(words[3:], tmp_path)
             continue
         else:
-            proc = subprocess.run([sys.executable, *fewer_tokens(words[1:])], cwd=tmp_path,
-                                  capture_output=True, text=True, timeout=120)
+            proc = subprocess.run([sys.executable, *fewer_features(fewer_tokens(words[1:]))], cwd=tmp_path,
+                                  capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, f"{command}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert len(Store(f"sqlite:///{tmp_path / 'outputs' / 'midisc.db'}").list_runs()) >= 7

@@ -3,7 +3,7 @@
 "use strict";
 
 const charts = JSON.parse(document.getElementById("charts")?.textContent || "{}");
-const COLOURS = ["#c2410c", "#1d4ed8", "#047857", "#7c3aed", "#b91c1c", "#0f766e"];
+const COLOURS = ["#c2410c", "#1d4ed8", "#047857", "#7c3aed", "#b91c1c", "#ca8a04"];
 const drawn = {};  // canvas id -> Chart, so tests and live updates can reach them
 window.midiscCharts = drawn;
 
