@@ -60,6 +60,10 @@ def compose(args: argparse.Namespace):
     from omegaconf import OmegaConf
     from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+    given = [o for o in args.overrides if o.startswith("scorer.")]
+    if given and not args.scorer:
+        raise UsageError(f"{given[0]} needs --scorer local|openai first: without it the explainer scores its own "
+                         "explanations, with the explainer's settings")
     chosen = [f"explainer={args.explainer}"] if args.explainer else []
     chosen += [f"+explainer@scorer={args.scorer}"] if args.scorer else []
     try:

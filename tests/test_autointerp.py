@@ -91,3 +91,17 @@ def test_an_endpoint_that_breaks_keeps_what_was_written_and_the_rerun_finishes(p
     assert b"sk-never-written" not in open(database, "rb").read()
     assert not [p for p in out_dir.rglob("*") if p.is_file() and b"sk-never-written" in p.read_bytes()]
     assert "sk-never-written" not in out + err
+
+
+def test_a_scorer_of_its_own_is_set_apart_from_the_explainer(published, tiny_llama, capsys):
+    _, url, run_id = published
+    scorer = ["--scorer", "local", f"scorer.name={tiny_llama}", "scorer.gguf_package=null", "scorer.gguf_file=null",
+              "scorer.dtype=float32"]
+    code, out, err = call(capsys, [str(run_id), "--features", "0-1", "--db", url, *local(tiny_llama), *scorer,
+                                   "--json", "pool_contexts=8"])
+    assert code == 0, err
+    summary = json.loads(out)
+    assert (summary["explained"], summary["scored"]) == (2, 2)
+    assert summary["explainer"] == summary["scorer"] == f"local:{tiny_llama}"  # same model, loaded twice
+    code, _, err = call(capsys, [str(run_id), "--db", url, "scorer.name=x"])
+    assert code == 2 and "scorer.name=x needs --scorer local|openai first" in err
