@@ -35,8 +35,10 @@ Measured on 2 CPU cores, 2026-12-03 (p50 / p95 ms, page then baseline), every pa
                 feature list by max p200 152 / 171 (88 / 96)   dashboard 15.4 / 19.9 (4.9 / 5.6)
     PostgreSQL  run list 19.9 / 21.8 (9.0 / 10.4)   feature list p1 159 / 181 (88 / 101)
                 feature list by max p200 192 / 236 (119 / 148)   dashboard 28.4 / 35.7 (11.2 / 13.2)
-The wide run's page is bound by its queries (page / baseline 1.6-2.1): half of it reads all 65,536
-frequencies for the histogram, the other half sorts the features.
+The wide run's page is the slow one, and grows with the width: on every page turn of its feature list the server
+reads all 65,536 frequencies for the histogram (about 40 ms), bins them in Python (about 50 ms, most of it
+analysis.features.frequency_bins' loop) and has the database sort all 65,536 rows for one page (about 30 ms:
+no index serves the sort). On busy cores (load 5 on 2) the by-max page's p95 reached 250-320 ms.
 
     python bench/serve.py [--quick] [--requests N]
 """
