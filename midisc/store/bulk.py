@@ -18,7 +18,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Float, Integer, String, Table, insert
+from sqlalchemy import JSON, Boolean, Float, Integer, String, Table, delete, insert
 from sqlalchemy.orm import Session
 
 _PLAIN_TYPES = (Boolean, Float, Integer, String, JSON)
@@ -90,3 +90,10 @@ def _executemany(connection, table: Table, columns: Sequence, rows: Sequence[dic
         cursor.executemany(statement, values)
     finally:
         cursor.close()
+
+
+def replace_run_rows(session: Session, table: Table, run_id: int, rows: Sequence[dict[str, Any]]) -> None:
+    """Delete every row of `run_id` in `table`, then insert `rows`, in the session's transaction: what each
+    per-feature write (statistics, examples, profiles) does, so a rewrite never leaves an old row behind."""
+    session.execute(delete(table).where(table.c.run_id == run_id))
+    insert_rows(session, table, rows)

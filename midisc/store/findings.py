@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import case, delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from midisc.store.bulk import insert_rows
+from midisc.store.bulk import insert_rows, replace_run_rows
 from midisc.store.tables import EXAMPLE_KINDS, ConceptScore, FeatureExample, FeatureProfile, TrainingRun, as_dict
 from midisc.store.values import finite_float, finite_float_list, finite_json
 
@@ -105,6 +105,13 @@ def _concept_row(run_id: int, concept: str, score: dict[str, Any]) -> dict[str, 
     return row
 
 
+def _feature_chunks(features: Iterable[Any]) -> list[list[int]]:
+    """Feature indices, checked, deduplicated and sorted, in chunks of FEATURES_PER_QUERY for IN (...) clauses.
+    Sorted and disjoint: results read chunk after chunk are still ordered by feature."""
+    wanted = sorted({_whole(f, "each of features") for f in features})
+    return [wanted[i:i + FEATURES_PER_QUERY] for i in range(0, len(wanted), FEATURES_PER_QUERY)]
+
+
 def _refuse_duplicates(rows: list[dict[str, Any]], key: tuple[str, ...], what: str) -> None:
     # Caught here, with the culprit named, rather than as the database's unique-constraint error.
     values = [tuple(row[k] for k in key) for row in rows]
@@ -136,9 +143,7 @@ class FindingsMixin:
         _refuse_duplicates(rows, ("feature_index", "kind", "rank"), "feature example")
         with self._sessions.begin() as session:
             self._run(session, run_id)
-            session.execute(delete(FeatureExample).where(FeatureExample.run_id == run_id))
-            if rows:
-                insert_rows(session, FeatureExample.__table__, rows)
+            replace_run_rows(session, FeatureExample.__table__, run_id, rows)
         return len(rows)
 
     def feature_examples(
@@ -167,12 +172,7 @@ class FindingsMixin:
             query = query.where(table.c.kind == kind)
         if max_rank is not None:
             query = query.where(table.c.rank < max_rank)
-        if features is None:
-            chunks: list[list[int]] = []
-        else:
-            wanted = sorted({_whole(f, "each of features") for f in features})
-            # Sorted, disjoint chunks: their results, concatenated in order, are still ordered by feature.
-            chunks = [wanted[i:i + FEATURES_PER_QUERY] for i in range(0, len(wanted), FEATURES_PER_QUERY)]
+        chunks = [] if features is None else _feature_chunks(features)
         with self._sessions() as session:
             self._run(session, run_id)
             if features is None:
@@ -196,23 +196,17 @@ class FindingsMixin:
         _refuse_duplicates(rows, ("feature_index",), "feature profile")
         with self._sessions.begin() as session:
             self._run(session, run_id)
-            session.execute(delete(FeatureProfile).where(FeatureProfile.run_id == run_id))
-            if rows:
-                insert_rows(session, FeatureProfile.__table__, rows)
+            replace_run_rows(session, FeatureProfile.__table__, run_id, rows)
         return len(rows)
 
     def feature_profiles(self, run_id: int, features: Sequence[int]) -> dict[int, dict[str, Any]]:
         """{feature_index: profile} of those of `features` that have one."""
-        wanted = sorted({_whole(f, "each of features") for f in features})
         table = FeatureProfile.__table__
+        query = select(table.c.feature_index, table.c.profile).where(table.c.run_id == run_id)
         with self._sessions() as session:
             self._run(session, run_id)
-            return {index: profile
-                    for start in range(0, len(wanted), FEATURES_PER_QUERY)
-                    for index, profile in session.execute(
-                        select(table.c.feature_index, table.c.profile).where(
-                            table.c.run_id == run_id,
-                            table.c.feature_index.in_(wanted[start:start + FEATURES_PER_QUERY])))}
+            return {index: profile for chunk in _feature_chunks(features)
+                    for index, profile in session.execute(query.where(table.c.feature_index.in_(chunk)))}
 
     # ----- concept scores -----------------------------------------------------------------------
 

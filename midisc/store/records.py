@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from midisc.store.bulk import insert_rows
+from midisc.store.bulk import replace_run_rows
 from midisc.store.engine import StoreError, connect, database_identity, parse_url
 from midisc.store.explanations import ExplanationsMixin
 from midisc.store.findings import FindingsMixin
@@ -230,9 +230,7 @@ class Store(FindingsMixin, ExplanationsMixin, PagesMixin):
         ]
         with self._sessions.begin() as session:
             self._run(session, run_id)
-            session.execute(delete(DiscoveredFeature).where(DiscoveredFeature.run_id == run_id))
-            if rows:
-                insert_rows(session, DiscoveredFeature.__table__, rows)
+            replace_run_rows(session, DiscoveredFeature.__table__, run_id, rows)
         return len(rows)
 
     def add_sae_model(
