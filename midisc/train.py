@@ -18,8 +18,8 @@ import re
 import sys
 import time
 import traceback
-import warnings
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -39,12 +39,15 @@ from midisc.cli import user_errors
 from midisc.config import ConfigError, check_config, check_fits_in_memory
 from midisc.overrides import override_errors
 from midisc.data import corpus, lm
-from midisc.data.activations import ActivationStream, ContextChunk, MemoryCache, keep_mask
-from midisc.data.recipe import Recipe, Source
+from midisc.data.activations import ActivationCache, ActivationStream, ContextChunk, MemoryCache, keep_mask
+from midisc.data.recipe import Recipe, Source, Tokens
 from midisc.data.cache import SharedCache, cache_bytes
+from midisc.data.prefill import prefill
+from midisc.jobs import (hook_jobs, job_overrides, plan, recorded_config, resumed_config, several_hooks, sweep_of_job,
+                         sync_command)
 from midisc.publish.publication import run_info
 from midisc.run_folder import CHECKPOINT_DIR, CURVES_FILENAME, PENDING_FILENAME
-from midisc.store import Store, UnknownRunError, redact_url, storage_argument
+from midisc.store import Store, storage_argument
 from midisc.store.journal import Journal
 from midisc.store.redaction import redact_console, redact_log_records, redact_text, scrub_hydra_files
 from midisc.training.callbacks import MetricsRecorder, ProgressBar
@@ -53,17 +56,10 @@ from midisc.training.checkpoints import (CheckpointError, Checkpointer, RunLock,
 from midisc.training.finish import RunEnd, finish
 from midisc.training.module import SAEModule, StopOnNonFiniteLoss
 from midisc.training.outcome import Result, summary
-from midisc.training.run_log import log_into_run_folder, remove_unused_run_folder, to_file_only
+from midisc.training.run_log import (log_into_run_folder, logging_into, quiet_lightning, remove_unused_run_folder,
+                                     to_file_only)
 
 log = logging.getLogger(__name__)
-
-
-def recorded_config(cfg: DictConfig) -> dict:
-    """The resolved config as plain data, database password hidden."""
-    data = OmegaConf.to_container(cfg, resolve=True)
-    if data.get("storage", {}).get("url"):
-        data["storage"]["url"] = redact_url(data["storage"]["url"])
-    return data
 
 
 def load_corpus(cfg: DictConfig) -> corpus.Split:
@@ -88,12 +84,14 @@ def build_sae(cfg: DictConfig, d_in: int, device: str = "cpu") -> torch.nn.Modul
         raise
 
 
-def make_cache(cfg: DictConfig, producer: dict, expected_bytes: int) -> SharedCache | nullcontext:
-    """The activation cache the config asks for; `auto` shares one on disk between the jobs of a sweep."""
+def make_cache(cfg: DictConfig, producer: dict, expected_bytes: int, several: bool = False):
+    """The activation cache the config asks for; `auto` shares one on disk between the jobs of a sweep and the
+    hooks of a job of several (`several`), and keeps a single run's in memory. A context manager."""
     acts = cfg.activations
     mode = acts.cache
     if mode == "auto":
-        mode = "disk" if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN else "memory"
+        sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+        mode = "disk" if sweep or several else "memory"
     if mode == "memory":
         return nullcontext(MemoryCache())
     return SharedCache.open(acts.cache_dir, producer, dtype=acts.dtype, max_bytes=int(acts.cache_max_gb * 1e9),
@@ -106,60 +104,10 @@ def make_loggers(cfg: DictConfig, output_dir: Path) -> list:
     return [instantiate(conf, save_dir=str(output_dir)) for conf in cfg.logger.values()]
 
 
-def sweep_of_job() -> tuple[str | None, list[str] | None]:
-    """(the sweep folder, absolute, when this job is one of a multirun; the job's overrides, passwords hidden)."""
-    if not HydraConfig.initialized():
-        return None, None
-    hydra_cfg = HydraConfig.get()
-    overrides = [redact_text(o) for o in hydra_cfg.overrides.task]
-    if hydra_cfg.mode != RunMode.MULTIRUN:
-        return None, overrides
-    return str(Path(hydra_cfg.sweep.dir).resolve()), overrides
-
-
-def resumed_config(cfg: DictConfig) -> tuple[DictConfig, Path]:
-    """The config and folder of run `cfg.resume`, read from the database `cfg.storage.url` names."""
-    if not cfg.storage.url:
-        raise ConfigError("resume needs the database the run is recorded in; storage=none has none")
-    if isinstance(cfg.resume, bool) or not isinstance(cfg.resume, int) or cfg.resume < 1:
-        raise ConfigError(f"resume must be a run id (an integer >= 1), got {cfg.resume!r}")
-    with Store(cfg.storage.url) as store:
-        try:
-            run = store.get_run(cfg.resume)
-        except UnknownRunError as err:  # its message names the id, not the setting that gave it
-            raise UnknownRunError(f"resume={cfg.resume}: {err}") from None
-    if run["status"] == "completed":
-        raise ConfigError(f"run {cfg.resume} is already completed; resume= continues a failed, interrupted or "
-                          "killed run")
-    stored = OmegaConf.create(run["config"])
-    # Runs recorded before midisc/sae/ was a package name their class in a module that is gone.
-    target = stored.get("sae", {}).get("_target_", "")
-    for legacy in ("midisc.sae_jump.", "midisc.sae_gated."):
-        if target.startswith(legacy):
-            stored.sae._target_ = "midisc.sae." + target.removeprefix(legacy)
-    for key in cfg:  # settings added to midisc since the run started keep their defaults
-        if key not in stored:
-            stored[key] = cfg[key]
-    stored.storage.url = cfg.storage.url  # the recorded URL has its password hidden
-    stored.resume = cfg.resume
-    return stored, Path(run["output_dir"])
-
-
-def plan(cfg: DictConfig, hook: str, run_id: int | None, split: corpus.Split) -> str:
-    """What the run is about to do, in the few lines that open its log."""
-    settings = "  ".join(f"{k}={v}" for k, v in cfg.sae.items() if k != "_target_")
-    optimizer = "  ".join(f"{k}={v}" for k, v in cfg.optimizer.items() if not k.startswith("_"))
-    data = cfg.data.source + " " + str(cfg.data.get("name") or cfg.data.get("path") or cfg.data.get("package"))
-    head = f"run {run_id}" if run_id is not None else "run (storage=none)"
-    return "\n".join([
-        f"{head}: {get_class(cfg.sae._target_).architecture} SAE ({settings}) on {hook} of {cfg.model.name}",
-        f"  data:       {data}: {len(split.train)} training and {len(split.heldout)} held-out texts "
-        f"({split.duplicates} duplicate texts dropped before the split), contexts of {cfg.context_size} tokens",
-        f"  training:   {cfg.epochs} epoch(s) in batches of {cfg.batch_size:,}; optimizer {optimizer}; seed {cfg.seed}",
-        f"  database:   {redact_url(cfg.storage.url) if cfg.storage.url else 'none'}"])
-
-
-def train(cfg: DictConfig, output_dir: Path) -> Result:
+def train(cfg: DictConfig, output_dir: Path, prepared: Prepared | None = None,
+          sweep: tuple[str | None, list[str] | None] | None = None) -> Result:
+    """Train one SAE on one hook and record it. `prepared` and `sweep` come from a job of several hooks: its
+    harvest, and the sweep id and overrides its runs are recorded with (else this job's own)."""
     started = time.time()
     try:  # refusals: nothing has started, and a folder Hydra made for the run goes again
         check_config(cfg)
@@ -199,14 +147,14 @@ def train(cfg: DictConfig, output_dir: Path) -> Result:
         store = Journal(store, output_dir / PENDING_FILENAME, run_id)  # first sends what an earlier attempt kept
         store.reopen_run(run_id)
     elif store:
-        sweep_id, overrides = sweep_of_job()
+        sweep_id, overrides = sweep or sweep_of_job()
         run_id = store.start_run(model=m.name, hook=hook, layer=None if m.hook else cfg.layer,
                                  architecture=get_class(cfg.sae._target_).architecture, config=recorded_config(cfg),
                                  output_dir=str(output_dir), sweep_id=sweep_id, overrides=overrides)
         store = Journal(store, output_dir / PENDING_FILENAME, run_id)
     log.info(plan(cfg, hook, run_id, split))
     try:
-        result = _fit(cfg, output_dir, store, run_id, hook, train_texts, heldout_texts, resume_from)
+        result = _fit(cfg, output_dir, store, run_id, hook, train_texts, heldout_texts, resume_from, prepared)
     except (KeyboardInterrupt, SystemExit) as stop:  # Lightning turns Ctrl-C into SystemExit(1)
         if store:
             how = f"continue with: python -m midisc.train resume={run_id}{storage_argument(cfg.storage.url)}"
@@ -239,34 +187,52 @@ def train(cfg: DictConfig, output_dir: Path) -> Result:
     return result
 
 
-def sync_command(journal: Journal) -> str:
-    """The command that sends `journal` to its database; it finds the database in the file itself."""
-    command = f"python -m midisc.db sync {journal.path}"
-    if journal.header.password_hidden:  # say where it goes, the password being nowhere to be read
-        command += f" --db '{journal.header.database}' (your password in place of ***, or set MIDISC_DB_URL)"
-    return command
-
-
-def _fit(cfg: DictConfig, output_dir: Path, store: Store | None, run_id: int | None, hook: str,
-         train_texts: list[str], heldout_texts: list[str], resume_from: Path | None) -> Result:
-    recipe = Recipe.of(OmegaConf.to_container(cfg, resolve=True), hook)
-    # The tokenizer first: the data can refuse the batch size before the weights take their time to load.
-    tokens = recipe.tokens()
-    train_ctx, heldout_ctx = tokens.pack(train_texts), tokens.pack(heldout_texts)
+def expected_rows(cfg: DictConfig, tokens: Tokens, train_ctx: torch.Tensor) -> int:
+    """An upper bound on the training vectors (the kept positions, at most max_vectors); refused below one batch."""
     expected = int(keep_mask(train_ctx, tokens.special).sum())
     if cfg.max_vectors is not None:
         expected = min(expected, cfg.max_vectors)
     if expected < cfg.batch_size:
         raise ConfigError(f"the {len(train_ctx)} training contexts give at most {expected} activation vectors, "
                           f"fewer than one batch of batch_size={cfg.batch_size}; raise max_samples or lower batch_size")
-    source = recipe.open(tokens)
+    return expected
+
+
+@dataclass
+class Prepared:
+    """What a job of several hooks made once for all of them, handed to one hook's run, which then trains as a run
+    that found its activations cached: the tokens, the loaded model at this hook, the filled cache."""
+
+    tokens: Tokens
+    train_ctx: torch.Tensor
+    heldout_ctx: torch.Tensor
+    source: Source
+    cache: ActivationCache          # complete; the job releases it
+    heldout: list[ContextChunk]
+
+
+def _fit(cfg: DictConfig, output_dir: Path, store: Store | None, run_id: int | None, hook: str,
+         train_texts: list[str], heldout_texts: list[str], resume_from: Path | None,
+         prepared: Prepared | None = None) -> Result:
+    recipe = Recipe.of(OmegaConf.to_container(cfg, resolve=True), hook)
+    if prepared is None:
+        # The tokenizer first: the data can refuse the batch size before the weights take their time to load.
+        tokens = recipe.tokens()
+        train_ctx, heldout_ctx = tokens.pack(train_texts), tokens.pack(heldout_texts)
+        expected = expected_rows(cfg, tokens, train_ctx)
+        source = recipe.open(tokens)
+    else:
+        tokens, train_ctx, heldout_ctx, source = prepared.tokens, prepared.train_ctx, prepared.heldout_ctx, prepared.source
+        expected = len(prepared.cache)
     sae = build_sae(cfg, d_in=source.width(heldout_ctx))  # before the harvest: a raw hook's checks run here
     if cfg.model.hook is not None:  # a standard site's SAE was checked on the meta device, before the weights
         check_fits_in_memory(sae, OmegaConf.to_container(cfg.analysis))
     need = cache_bytes(expected + heldout_ctx.numel(), source.model.config.hidden_size, recipe.dtype,
                        tokens=heldout_ctx.numel())
-    with make_cache(cfg, recipe.producer(), need) as cache:
-        if getattr(cache, "complete", False):
+    with make_cache(cfg, recipe.producer(), need) if prepared is None else nullcontext(prepared.cache) as cache:
+        if prepared is not None:
+            heldout_chunks = prepared.heldout
+        elif getattr(cache, "complete", False):
             log.info(f"reusing cached activations from {cache.folder} ({cache.describe()}); "
                      "the language model does not run")
             heldout_chunks = cache.load_heldout()
@@ -330,15 +296,65 @@ def _train(cfg: DictConfig, output_dir: Path, store: Store | None, run_id: int |
                   dead_window=module.dead_window)
 
 
-def quiet_lightning() -> None:
-    """Keep the console to the progress bar and our summary: Lightning's banners and tips say nothing here."""
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-    # The stream's length is exact up to dropped norm outliers, and it runs in the main process.
-    warnings.filterwarnings("ignore", message=".*IterableDataset.*has `__len__` defined.*")
-    warnings.filterwarnings("ignore", message=".*treespec.*LeafSpec.*")
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    # A resumed run replays the epoch's seeded order and skips what was trained (see checkpoints.py).
-    warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
+def train_hooks(cfg: DictConfig, output_dir: Path) -> tuple[list[Result], list[str]]:
+    """Train one SAE per entry of `layers` / `hooks` from one pass of the language model (see data/prefill.py),
+    each a run of its own in output_dir/<layer=N>/. A run that fails is recorded failed and the others go on.
+    Returns (the completed runs' results, one line per failed run)."""
+    jobs = hook_jobs(cfg)
+    for name, one in jobs:
+        try:
+            check_config(one)
+        except ConfigError as err:
+            raise ConfigError(f"{name}: {err}") from None
+    split = load_corpus(cfg)
+    m = cfg.model
+    hf_config = lm.load_config(lm.model_source(m.name, m.gguf_package, m.gguf_file))
+    hooks = []
+    for name, one in jobs:
+        hook = lm.resolve_hook(hf_config, layer=one.layer, site=m.site, hooks=dict(m.hooks), hook=one.model.hook)
+        if hook in hooks:
+            raise ConfigError(f"{name} hooks {hook}, as an earlier entry does; each hook trains one SAE")
+        hooks.append(hook)
+        if one.model.hook is None:
+            check_fits_in_memory(build_sae(one, d_in=hf_config.hidden_size, device="meta"),
+                                 OmegaConf.to_container(one.analysis))
+    recipes = [Recipe.of(OmegaConf.to_container(one, resolve=True), hook) for (_, one), hook in zip(jobs, hooks)]
+    tokens = recipes[0].tokens()
+    train_ctx, heldout_ctx = tokens.pack(split.train), tokens.pack(split.heldout)
+    expected = expected_rows(cfg, tokens, train_ctx)
+    first = recipes[0].open(tokens)
+    sources = [first, *(recipe.open(tokens, first.loaded) for recipe in recipes[1:])]
+    sweep_id, overrides = sweep_of_job()
+    if sweep_id is None:  # the job's runs are a sweep of their own
+        sweep_id = str(Path(output_dir).resolve())
+    results, failed = [], []
+    with ExitStack() as held:
+        need = cache_bytes(expected + heldout_ctx.numel(), first.model.config.hidden_size, recipes[0].dtype,
+                           tokens=heldout_ctx.numel())
+        caches = [held.enter_context(make_cache(one, recipe.producer(), need, several=True))
+                  for (_, one), recipe in zip(jobs, recipes)]
+        todo = [i for i, cache in enumerate(caches) if not cache.complete]
+        if len(todo) < len(caches):
+            log.info(f"reusing cached activations of {', '.join(jobs[i][0] for i in range(len(jobs)) if i not in todo)}")
+        if todo:
+            log.info(f"harvesting {', '.join(jobs[i][0] for i in todo)} in one pass of {m.name}, up to the deepest")
+        made = prefill([sources[i] for i in todo], [caches[i] for i in todo], train_ctx, heldout_ctx, cfg.max_vectors)
+        heldout = {i: chunks for i, chunks in zip(todo, made)}
+        for i, ((name, one), source, cache) in enumerate(zip(jobs, sources, caches)):
+            chunks = heldout[i] if i in heldout else cache.load_heldout()
+            run_dir = Path(output_dir) / name
+            run_dir.mkdir(parents=True, exist_ok=True)
+            prepared = Prepared(tokens, train_ctx, heldout_ctx, source, cache, chunks)
+            try:
+                with logging_into(run_dir / "train.log"):
+                    results.append(train(one, run_dir, prepared, sweep=(sweep_id, job_overrides(overrides, name))))
+            except user_errors() as err:
+                failed.append(f"{name}: {err}")
+                log.error(f"{name} failed: {err}")
+            except Exception as err:  # a bug: the run is recorded failed with its traceback; the others go on
+                failed.append(f"{name}: {type(err).__name__}: {err}")
+                log.error(redact_text("".join(traceback.format_exception(err))))
+    return results, failed
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
@@ -359,7 +375,10 @@ def main(cfg: DictConfig) -> None:
                 raise
             if sweep_dir is None:
                 log_into_run_folder(fresh, output_dir)
-        result = train(cfg, output_dir)
+        if several_hooks(cfg):
+            results, failed = train_hooks(cfg, output_dir)
+        else:
+            results, failed = [train(cfg, output_dir)], []
     except user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         to_file_only(f"error: {err}")
@@ -370,7 +389,13 @@ def main(cfg: DictConfig) -> None:
     except Exception as err:  # a bug: Hydra prints the traceback, the log keeps it too
         to_file_only(redact_text("".join(traceback.format_exception(err))))
         raise
-    log.info(summary(result, cfg.storage.url))
+    for result in results:
+        log.info(summary(result, cfg.storage.url))
+    if failed:
+        message = f"{len(failed)} of {len(failed) + len(results)} runs failed:\n  " + "\n  ".join(failed)
+        print(f"error: {message}", file=sys.stderr)
+        to_file_only(f"error: {message}")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

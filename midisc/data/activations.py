@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import IterableDataset
 from tqdm.auto import tqdm
 
-from midisc.data.lm import capture
+from midisc.data.lm import capture_many
 
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -54,21 +54,34 @@ class ContextChunk:
     first: int            # index of tokens[0] among all contexts of the harvest
 
 
-def harvest_contexts(model, module, contexts: torch.Tensor, *, special_ids: Iterable[int], batch_contexts: int = 32,
-                     outlier_factor: float | None = 4.0, store_dtype: str = "float32",
-                     progress: str | None = None) -> Iterator[ContextChunk]:
-    """Run `model` up to `module` over contexts [N, T]; yield filtered activations with their positions, on the CPU."""
+def harvest_contexts(model, module, contexts: torch.Tensor, **options) -> Iterator[ContextChunk]:
+    """Run `model` up to `module` over contexts [N, T]; yield filtered activations with their positions, on the CPU.
+    `options`: those of `harvest_many`."""
+    for chunks in harvest_many(model, [module], contexts, **options):
+        yield chunks[0]
+
+
+def harvest_many(model, modules, contexts: torch.Tensor, *, special_ids: Iterable[int], batch_contexts: int = 32,
+                 outlier_factor: float | None = 4.0, store_dtype: str = "float32",
+                 progress: str | None = None) -> Iterator[list[ContextChunk]]:
+    """One forward per batch of contexts up to the deepest of `modules`; yield each module's chunk of the batch,
+    filtered as `harvest_contexts` filters it alone (norm outliers are judged per module), so the chunks are
+    the ones separate harvests would give."""
     special = sorted(set(special_ids))
     starts = range(0, len(contexts), batch_contexts)
     for start in tqdm(starts, desc=progress, unit="batch", disable=True if progress is None else None, leave=False):
         tokens = contexts[start:start + batch_contexts]
+        chunks = []
         with torch.inference_mode():
-            acts = capture(model, module, tokens)
-            keep = drop_outliers(acts, keep_mask(tokens, special).to(acts.device), outlier_factor)
-            kept = acts[keep]
-        # Cloning outside inference mode gives an ordinary tensor that autograd may use later.
-        yield ContextChunk(tokens=tokens.cpu(), keep=keep.cpu().clone(),
-                           acts=kept.to("cpu", STORE_DTYPES[store_dtype]).clone(), first=start)
+            outputs = capture_many(model, modules, tokens)
+        for acts in outputs:
+            with torch.inference_mode():
+                keep = drop_outliers(acts, keep_mask(tokens, special).to(acts.device), outlier_factor)
+                kept = acts[keep]
+            # Cloning outside inference mode gives an ordinary tensor that autograd may use later.
+            chunks.append(ContextChunk(tokens=tokens.cpu(), keep=keep.cpu().clone(),
+                                       acts=kept.to("cpu", STORE_DTYPES[store_dtype]).clone(), first=start))
+        yield chunks
 
 
 def harvest(model, module, contexts: torch.Tensor, **kwargs) -> Iterator[torch.Tensor]:

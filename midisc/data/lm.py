@@ -256,13 +256,23 @@ class _StopForward(Exception):
 def capture(model: nn.Module, module: nn.Module, input_ids: torch.Tensor,
             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The hooked module's output for `input_ids` [B, T] -> [B, T, d], running no block after it."""
-    captured: list[torch.Tensor] = []
+    return capture_many(model, [module], input_ids, attention_mask)[0]
 
-    def hook(_mod, _args, output):
-        captured.append(output[0] if isinstance(output, tuple) else output)
-        raise _StopForward
 
-    handle = module.register_forward_hook(hook)
+def capture_many(model: nn.Module, modules: Sequence[nn.Module], input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Each hooked module's output for `input_ids` [B, T] -> [B, T, d], from one forward that stops once the
+    last of them (the deepest) has run: four layers cost one forward to the deepest, not four."""
+    captured: dict[int, torch.Tensor] = {}
+
+    def hook_of(index: int):
+        def hook(_mod, _args, output):
+            captured.setdefault(index, output[0] if isinstance(output, tuple) else output)
+            if len(captured) == len(modules):
+                raise _StopForward
+        return hook
+
+    handles = [module.register_forward_hook(hook_of(i)) for i, module in enumerate(modules)]
     device = input_device(model)
     try:
         model(input_ids=input_ids.to(device),
@@ -270,7 +280,8 @@ def capture(model: nn.Module, module: nn.Module, input_ids: torch.Tensor,
     except _StopForward:
         pass
     finally:
-        handle.remove()
-    if not captured:
+        for handle in handles:
+            handle.remove()
+    if len(captured) < len(modules):
         raise ModelError("the hooked module never ran during the forward; is the hook on the model's path?")
-    return captured[0]
+    return [captured[i] for i in range(len(modules))]

@@ -74,11 +74,13 @@ class Recipe:
         bos = tokenizer.bos_token_id if self.prepend_bos else None
         return Tokens(tokenizer, separator, special, bos, self.context_size, self.max_doc_tokens)
 
-    def open(self, tokens: Tokens | None = None) -> Source:
-        """Load the language model's weights (the tokenizer too, unless `tokens` has it)."""
+    def open(self, tokens: Tokens | None = None, loaded: lm.LoadedModel | None = None) -> Source:
+        """Load the language model's weights (the tokenizer too, unless `tokens` has it); `loaded`: a model already
+        loaded for a recipe that differs from this one in its hook alone (several hooks of one job)."""
         tokens = tokens or self.tokens()
-        loaded = lm.load_model(self.model, gguf_package=self.gguf_package, gguf_file=self.gguf_file,
-                               dtype=self.model_dtype, device_map=self.device_map, tokenizer=tokens.tokenizer)
+        if loaded is None:
+            loaded = lm.load_model(self.model, gguf_package=self.gguf_package, gguf_file=self.gguf_file,
+                                   dtype=self.model_dtype, device_map=self.device_map, tokenizer=tokens.tokenizer)
         modules = dict(loaded.model.named_modules())
         if self.hook not in modules:
             raise lm.ModelError(f"hook {self.hook!r} is not a module of {self.model}")
@@ -118,7 +120,7 @@ class Source:
     def model(self) -> torch.nn.Module:
         return self.loaded.model
 
-    def _options(self) -> dict:
+    def harvest_options(self) -> dict:
         r = self.recipe
         return dict(special_ids=self.tokens.special, batch_contexts=r.lm_batch_size, outlier_factor=r.outlier_factor,
                     store_dtype=r.dtype)
@@ -129,11 +131,12 @@ class Source:
 
     def chunks(self, contexts: torch.Tensor, progress: str | None = None) -> Iterator[ContextChunk]:
         """Activations with the contexts and positions they came from (held-out data, analysis)."""
-        return harvest_contexts(self.loaded.model, self.module, contexts, progress=progress, **self._options())
+        return harvest_contexts(self.loaded.model, self.module, contexts, progress=progress, **self.harvest_options())
 
     def vectors(self, contexts: torch.Tensor) -> Iterator[torch.Tensor]:
         """Training vectors [n, d]: the first `max_vectors` of the harvest, the model stopping there."""
-        return take_rows(harvest(self.loaded.model, self.module, contexts, **self._options()), self.recipe.max_vectors)
+        vectors = harvest(self.loaded.model, self.module, contexts, **self.harvest_options())
+        return take_rows(vectors, self.recipe.max_vectors)
 
     def width(self, contexts: torch.Tensor) -> int:
         """The hooked module's output width, from one forward of the first context (cut short at the hook)."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import shutil
+import warnings
+from contextlib import contextmanager
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -99,3 +101,27 @@ def remove_unused_run_folder(folder: Path) -> bool:
         (folder / name).unlink(missing_ok=True)
     _remove_empty(folder)
     return not folder.exists()
+
+
+@contextmanager
+def logging_into(path: Path):
+    """Everything logged meanwhile goes to `path` too (each run of a job of several hooks keeps its own log)."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    logging.getLogger().addHandler(handler)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def quiet_lightning() -> None:
+    """Keep the console to the progress bar and our summary: Lightning's banners and tips say nothing here."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    # The stream's length is exact up to dropped norm outliers, and it runs in the main process.
+    warnings.filterwarnings("ignore", message=".*IterableDataset.*has `__len__` defined.*")
+    warnings.filterwarnings("ignore", message=".*treespec.*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    # A resumed run replays the epoch's seeded order and skips what was trained (see checkpoints.py).
+    warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")

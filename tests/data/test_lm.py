@@ -81,3 +81,19 @@ def test_capture_of_a_tuple_output_takes_the_tensor(llama):
 def test_dtype_is_checked(tiny_llama):
     with pytest.raises(ModelError, match="model.dtype='float8' is not supported"):
         lm.load_model(str(tiny_llama), dtype="float8")
+
+
+def test_capture_many_is_one_forward_stopped_after_the_deepest_hook(llama):
+    model = llama.model
+    layers = model.model.layers
+    ids = torch.randint(3, model.config.vocab_size, (2, 12))
+    ran = []
+    handles = [block.register_forward_hook(lambda mod, *_: ran.append(mod)) for block in layers]
+    try:
+        together = lm.capture_many(model, [layers[1], layers[0].mlp], ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert ran == [layers[0], layers[1]]  # block 2 never ran, and no block ran twice
+    for module, acts in zip([layers[1], layers[0].mlp], together):
+        assert torch.equal(acts, lm.capture(model, module, ids))
