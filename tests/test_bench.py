@@ -38,6 +38,7 @@ QUICK_KEYS = {
     "faults.py": {"rows", "targets_met", "kills_resumed_exactly", "rows_lost", "tracebacks"},
     "autointerp.py": {"rows", "targets_met", "detection_margin"},
     "serve.py": {"rows", "targets_met", "postgres"},
+    "shards.py": {"rows", "targets_met", "write"},
 }
 # The fault campaign's quick mode is a few minutes of real runs; the others take seconds.
 TIMEOUT_S = {"faults.py": 1200}

@@ -4,20 +4,20 @@ A sweep of six SAE settings on one layer runs the language model once: the first
 root/<key>/ (key: a hash of the model, hook, data, context… that produced the vectors), the others wait
 for it and then read its files. Under root:
 
-    <key>/             a complete cache: acts.bin (raw rows), heldout.safetensors, meta.json (what made it)
+    <key>/             a complete cache: shard-*.safetensors, heldout.safetensors, manifest.json (shards.py)
     <key>.lock         flock: exclusive while a job harvests or evicts it, shared while jobs read it
     <key>.partial-*    a harvest in progress, published with one rename: a cut-off harvest is never read
     .budget.lock       one job at a time weighs the disk budget and evicts
 
 flock(2) locks belong to an open file, and the kernel drops them when a process dies, even by SIGKILL:
-a crashed job never blocks the next one, which also removes the crashed job's partial folder.
+a crashed job never blocks the next one, which also removes the crashed job's partial folder. A folder is
+self-contained: copied to another root (or merged from parts, merge.py), it opens there as complete.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -28,7 +28,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
 
@@ -36,9 +36,10 @@ import torch
 from safetensors.torch import load_file, save
 
 from midisc.data.activations import STORE_DTYPES, ContextChunk
+from midisc.data.shards import (HELDOUT_FILE, MANIFEST_FILE, SHARD_ROWS, ShardReader, ShardWriter, cache_key,
+                                complete_manifest, describe_file, fsync_dir, make_manifest, write_synced)
 
-ACTS_FILE, HELDOUT_FILE, META_FILE, RESERVED_FILE = "acts.bin", "heldout.safetensors", "meta.json", "expected_bytes"
-FORMAT = 1                # meta.json "format": a folder of another layout counts as incomplete and is replaced
+RESERVED_FILE = "expected_bytes"
 DISK_MARGIN = 64 * 2**20  # free disk left after a harvest, for checkpoints, logs and the filesystem itself
 KEY_NAME = re.compile(r"[0-9a-f]{16}")
 DISK_FIXES = "free disk space, or set activations.cache_dir=… on a bigger disk or activations.cache=memory"
@@ -46,11 +47,6 @@ DISK_FIXES = "free disk space, or set activations.cache_dir=… on a bigger disk
 
 class CacheError(RuntimeError):
     """The activation cache cannot be written: budget or disk too small, or the disk filled up while writing."""
-
-
-def cache_key(**producer) -> str:
-    """A short hash of everything that determines the activations (model, hook, data, context, filters)."""
-    return hashlib.sha256(json.dumps(producer, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def cache_bytes(rows: int, d: int, dtype: str, *, tokens: int = 0) -> int:
@@ -62,33 +58,6 @@ def human(n: float) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
 
 
-def write_rows(file: BinaryIO, chunk: torch.Tensor) -> None:
-    # bfloat16 has no numpy type: its bits travel as int16.
-    bits = chunk.view(torch.int16) if chunk.dtype == torch.bfloat16 else chunk
-    file.write(bits.contiguous().numpy().tobytes())
-
-
-def read_rows(path: Path, n_rows: int, d: int | None, dtype: str) -> Callable[[int, int], torch.Tensor]:
-    """A reader of rows [start:stop] from a raw file; the file opens now, so a later unlink cannot hurt.
-
-    Plain reads, not a memory map: the pages of a map that an epoch has read count in the process's RSS, so
-    a 2 GB cache read once looked like 2 GB of memory; read into fresh buffers, only the block in use does.
-    """
-    torch_dtype = STORE_DTYPES[dtype]
-    if n_rows == 0:
-        return lambda start, stop: torch.empty(0, d or 0, dtype=torch_dtype)
-    row_bytes = d * torch.empty(0, dtype=torch_dtype).element_size()
-    file = open(path, "rb")  # noqa: SIM115  lives as long as the reader: the closure holds it
-
-    def block(start: int, stop: int) -> torch.Tensor:
-        start, stop = max(start, 0), min(stop, n_rows)
-        buffer = bytearray(max(stop - start, 0) * row_bytes)
-        if buffer and os.preadv(file.fileno(), [buffer], start * row_bytes) != len(buffer):
-            raise OSError(f"{path} is shorter than its {n_rows} rows of {d}; the cache is damaged, delete it")
-        return torch.frombuffer(buffer, dtype=torch_dtype).view(-1, d) if buffer else torch.empty(0, d, dtype=torch_dtype)
-    return block
-
-
 class SharedCache:
     """One producer's activations under root/<key>/, harvested by one process and read by all others.
 
@@ -98,8 +67,9 @@ class SharedCache:
     lock held until `release` keeps other jobs from evicting the cache while this one reads it.
     """
 
-    def __init__(self, root: Path, producer: dict, dtype: str, log: Callable[[str], None]) -> None:
-        self.root, self.producer, self.dtype, self.log = root, producer, dtype, log
+    def __init__(self, root: Path, producer: dict, dtype: str, log: Callable[[str], None],
+                 shard_rows: int = SHARD_ROWS) -> None:
+        self.root, self.producer, self.dtype, self.log, self.shard_rows = root, producer, dtype, log, shard_rows
         self.key = cache_key(**producer)
         self.folder = root / self.key
         self.meta: dict = {}
@@ -107,19 +77,21 @@ class SharedCache:
         self.complete = False
         self._lock: BinaryIO | None = None  # the open lock file whose flock we hold
         self._partial: Path | None = None   # our unpublished folder while harvesting
-        self._file: BinaryIO | None = None
-        self._read: Callable[[int, int], torch.Tensor] | None = None
-        self._heldout: str | None = None
+        self._writer: ShardWriter | None = None
+        self._reader: ShardReader | None = None
+        self._heldout: dict | None = None  # the held-out file's manifest entry, once written
 
     @classmethod
     def open(cls, root: str | Path, producer: dict, *, dtype: str, max_bytes: int | None, expected_bytes: int,
-             log: Callable[[str], None] = print) -> SharedCache:
+             log: Callable[[str], None] = print, shard_rows: int = SHARD_ROWS) -> SharedCache:
         """The complete cache for `producer`, or an empty one for this process to harvest (room made for it)."""
         if dtype not in STORE_DTYPES:
             raise ValueError(f"cache dtype={dtype!r} is not supported; valid: {', '.join(STORE_DTYPES)}")
+        if shard_rows < 1:
+            raise ValueError(f"shard_rows={shard_rows} must be a positive number of rows per shard")
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
-        cache = cls(root, producer, dtype, log)
+        cache = cls(root, producer, dtype, log, shard_rows)
         cache._lock = open(root / f"{cache.key}.lock", "a+b")
         try:
             cache._wait_for_lock()
@@ -153,11 +125,9 @@ class SharedCache:
             time.sleep(random.uniform(0.01, 0.1))
 
     def _read_meta(self) -> bool:
-        try:
-            meta = json.loads((self.folder / META_FILE).read_text())
-        except (OSError, ValueError):
-            return False
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        # No manifest, another format (format 1's acts.bin), or a file of the wrong size (a copy cut short).
+        meta = complete_manifest(self.folder)
+        if meta is None:
             return False
         self.meta, self.n_rows, self.d, self.dtype = meta, meta["rows"], meta["d"], meta["dtype"]
         self.complete = True
@@ -204,14 +174,14 @@ class SharedCache:
             self.d = chunks[0].acts.shape[1]
         with self._writing():
             write_synced(self._partial / HELDOUT_FILE, save({k: v.contiguous() for k, v in tensors.items()}))
-        self._heldout = HELDOUT_FILE
+            self._heldout = describe_file(self._partial, HELDOUT_FILE)
 
     def load_heldout(self) -> list[ContextChunk]:
         """The chunks given to `save_heldout`, equal and in the same order."""
         if not self.complete or not self.meta.get("heldout"):
             raise RuntimeError(f"the cache {self.folder} holds no held-out contexts"
                                f"{'' if self.complete else ' (it is not complete)'}")
-        t = load_file(self.folder / self.meta["heldout"])
+        t = load_file(self.folder / self.meta["heldout"]["file"])
         if not len(t["contexts"]):
             return []
         tokens, keep = t["tokens"].split(t["contexts"].tolist()), t["keep"].split(t["contexts"].tolist())
@@ -220,42 +190,41 @@ class SharedCache:
                 for a, b, c, f in zip(tokens, keep, acts, t["first"].tolist())]
 
     def reset(self) -> None:
+        """Start the rows again (a harvest refilled from the start); the held-out contexts stay."""
         self._harvesting("reset")
-        with self._writing():
-            if self._file is not None:
-                self._file.close()
-            self._file = open(self._partial / ACTS_FILE, "wb")
-        self.n_rows, self._read = 0, None
+        if self._writer is not None:
+            self._writer.discard()
+        self._writer = ShardWriter(self._partial, self.dtype, self.shard_rows)
+        self.n_rows, self._reader = 0, None
 
-    def append(self, chunk: torch.Tensor) -> None:
+    def append(self, chunk: torch.Tensor, token_ids: torch.Tensor | None = None) -> None:
+        """Rows [n, d] and, optionally, the token [n] each sits on; a full shard goes to disk at once."""
         self._harvesting("append")
-        chunk = chunk.to(STORE_DTYPES[self.dtype])
+        if self._writer is None:
+            self.reset()
         with self._writing():
-            write_rows(self._file, chunk)
+            self._writer.append(chunk, token_ids)
         self.n_rows += len(chunk)
         self.d = chunk.shape[1]
 
     def finish(self) -> None:
-        """Publish: data and meta.json synced, then one rename makes the folder visible whole."""
+        """Publish: shards and manifest.json synced, then one rename makes the folder visible whole."""
         self._harvesting("finish")
-        if self._file is None:
+        if self._writer is None:
             self.reset()
-        meta = {"format": FORMAT, "rows": self.n_rows, "d": self.d, "dtype": self.dtype, "producer": self.producer,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "heldout": self._heldout,
-                "key": self.key}
         with self._writing():
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            self._file = None
-            write_synced(self._partial / META_FILE, json.dumps(meta, indent=1, default=str).encode())
+            shards = self._writer.close()
+            meta = make_manifest(producer=self.producer, dtype=self.dtype, d=self.d, shard_rows=self.shard_rows,
+                                 shards=shards, token_ids=bool(self._writer.token_ids), heldout=self._heldout)
+            write_synced(self._partial / MANIFEST_FILE, json.dumps(meta, indent=1, default=str).encode())
             fsync_dir(self._partial)
             os.rename(self._partial, self.folder)
             fsync_dir(self.root)
-        self._partial, self.meta, self.complete = None, meta, True
+        self._partial, self._writer, self.meta, self.complete = None, None, meta, True
         os.utime(self.folder)
-        # The map opens before the lock turns shared, so even an eviction in between cannot pull the rows away.
-        self._read = read_rows(self.folder / ACTS_FILE, self.n_rows, self.d, self.dtype)
+        # The shards open before the lock turns shared (flock drops it first), so even an eviction in between
+        # cannot pull the rows away.
+        self._reader = ShardReader(self.folder, meta)
         fcntl.flock(self._lock, fcntl.LOCK_SH)
         self.log(f"cached {self.describe()} in {self.folder}")
 
@@ -265,9 +234,7 @@ class SharedCache:
 
     def release(self) -> None:
         """Unlock (others may evict the cache); an unfinished harvest's folder goes. Safe to call twice."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self._writer = None  # its shards lie in the partial folder, which goes now
         if self._partial is not None:
             remove(self._partial)  # before unlocking: a partial folder with a free lock means a dead harvest
             self._partial = None
@@ -284,16 +251,32 @@ class SharedCache:
     def __len__(self) -> int:
         return self.n_rows
 
+    def _read(self, start: int, stop: int, name: str) -> torch.Tensor:
+        if not self.complete:
+            raise RuntimeError(f"the cache {self.folder} is not complete: finish it before reading rows")
+        if self._reader is None:
+            self._reader = ShardReader(self.folder, self.meta)
+        return self._reader.read(start, stop, name)
+
     def block(self, start: int, stop: int) -> torch.Tensor:
-        if self._read is None:
-            self._read = read_rows(self.folder / ACTS_FILE, self.n_rows, self.d, self.dtype)
-        return self._read(start, stop)
+        """Rows [start:stop] as [n, d], read across shard boundaries."""
+        return self._read(start, stop, "acts")
+
+    def token_ids(self, start: int, stop: int) -> torch.Tensor | None:
+        """The token [n] rows [start:stop] sit on; None when the harvest gave no token ids."""
+        return self._read(start, stop, "token_ids") if self.meta.get("token_ids") else None
+
+    def shards(self) -> list[dict]:
+        """The manifest's shard entries (file, rows, first, bytes, sha256, stats): ranks of a distributed job each
+        take a disjoint set of them and read each with block(first, first + rows)."""
+        return [dict(entry) for entry in self.meta.get("shards", [])]
 
     def describe(self) -> str:
-        """'265,004 vectors × 576, float32, 610.6 MB, made 2026-05-09T07:35:25+00:00', for log lines."""
+        """'265,004 vectors × 576, float32, 610.6 MB in 5 shards, made 2026-05-09T07:35:25+00:00', for log lines."""
         size = human(cache_bytes(self.n_rows, self.d or 0, self.dtype))
+        shards = len(self.meta.get("shards", []))
         made = f", made {self.meta['created']}" if self.meta.get("created") else ""
-        return f"{self.n_rows:,} vectors × {self.d}, {self.dtype}, {size}{made}"
+        return f"{self.n_rows:,} vectors × {self.d}, {self.dtype}, {size} in {shards} shard{'s' * (shards != 1)}{made}"
 
 
 def make_room(root: Path, need: int, max_bytes: int | None, log: Callable[[str], None]) -> None:
@@ -383,18 +366,3 @@ def remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
-
-
-def write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-
-
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

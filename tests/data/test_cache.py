@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from midisc.data import cache as activation_cache
+from midisc.data import shards as shard_format
 from midisc.data.cache import CacheError, SharedCache, cache_bytes, cache_key
 from midisc.data.activations import ActivationStream, ContextChunk
 
@@ -17,10 +17,11 @@ PRODUCER = dict(model="tiny", hook="model.layers.1", data={"name": "bbc"}, conte
 BIG = 10**12  # a budget that never binds
 
 
-def open_cache(root, producer=PRODUCER, *, dtype="float32", max_bytes=BIG, expected_bytes=0, log=None):
+def open_cache(root, producer=PRODUCER, *, dtype="float32", max_bytes=BIG, expected_bytes=0, log=None,
+               shard_rows=shard_format.SHARD_ROWS):
     lines = [] if log is None else log
     return SharedCache.open(root, producer, dtype=dtype, max_bytes=max_bytes, expected_bytes=expected_bytes,
-                            log=lines.append)
+                            log=lines.append, shard_rows=shard_rows)
 
 
 def heldout_chunks(dtype=torch.float32, d=6):
@@ -187,7 +188,7 @@ def test_lru_eviction_keeps_within_budget_and_spares_caches_in_use(tmp_path):
     in_use = open_cache(tmp_path, {**PRODUCER, "i": 0})  # the oldest, but a job is reading it
     assert in_use.complete
 
-    budget = 3 * size + 3000  # room for three caches and their small meta.json files
+    budget = 3 * size + 3000  # room for three caches with their small manifest.json files and shard headers
     new = open_cache(tmp_path, {**PRODUCER, "i": 3}, max_bytes=budget, expected_bytes=size, log=lines)
     keys = {i: cache_key(**{**PRODUCER, "i": i}) for i in range(4)}
     assert (tmp_path / keys[0]).exists() and not (tmp_path / keys[1]).exists() and (tmp_path / keys[2]).exists()
@@ -220,21 +221,46 @@ def test_too_little_free_disk_raises_cache_error(tmp_path, monkeypatch):
     assert partials(tmp_path) == []
 
 
-def test_a_full_disk_while_writing_raises_cache_error_and_leaves_no_partial_folder(tmp_path, monkeypatch):
-    cache = open_cache(tmp_path)
+@pytest.mark.parametrize("when", ["append", "finish"])
+def test_a_full_disk_while_writing_raises_cache_error_and_leaves_no_partial_folder(tmp_path, monkeypatch, when):
+    cache = open_cache(tmp_path, shard_rows=8)
     cache.reset()
-    cache.append(torch.randn(10, 4))
+    cache.append(torch.randn(10, 4))  # one shard written, 2 rows buffered
 
-    def disk_full(file, chunk):
+    def disk_full(path, tensors):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(activation_cache, "write_rows", disk_full)
+    monkeypatch.setattr(shard_format, "write_shard", disk_full)
     with pytest.raises(CacheError) as info:
-        cache.append(torch.randn(10, 4))
+        cache.append(torch.randn(10, 4)) if when == "append" else cache.finish()
     assert "\n" not in str(info.value) and "filled up" in str(info.value) and str(tmp_path) in str(info.value)
     assert partials(tmp_path) == [] and not (tmp_path / cache.key).exists()
     monkeypatch.undo()
     assert not open_cache(tmp_path).complete  # lock released: the next job harvests at once
+
+
+def test_a_copied_cache_opens_complete_under_another_root_and_reads_the_same_rows(tmp_path):
+    rows, heldout = torch.randn(45, 6), heldout_chunks()
+    with open_cache(tmp_path / "a", shard_rows=16) as cache:
+        fill(cache, rows, heldout)
+    shutil.copytree(tmp_path / "a" / cache.key, tmp_path / "b" / cache.key)
+    lines = []
+    with open_cache(tmp_path / "b", log=lines) as copied:
+        assert copied.complete and lines == [] and len(copied) == 45 and copied.shards() == cache.shards()
+        assert torch.equal(copied.block(0, 45), rows) and torch.equal(copied.block(10, 40), rows[10:40])
+        assert [c.first for c in copied.load_heldout()] == [c.first for c in heldout]
+
+
+def test_a_copy_cut_short_counts_as_incomplete_and_is_harvested_again(tmp_path):
+    with open_cache(tmp_path / "a", shard_rows=16) as cache:
+        fill(cache, torch.randn(45, 6))
+    shutil.copytree(tmp_path / "a" / cache.key, tmp_path / "b" / cache.key)
+    shard = tmp_path / "b" / cache.key / "shard-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    again = open_cache(tmp_path / "b")
+    assert not again.complete and not (tmp_path / "b" / cache.key).exists()  # replaced, as an older layout is
+    fill(again, torch.randn(5, 6))
+    assert len(again) == 5 and again.complete
 
 
 def test_stream_harvests_into_a_shared_cache_once_then_reads_it(tmp_path):
