@@ -12,6 +12,15 @@ import torch
 
 from midisc.sae import SparseAutoencoder
 
+# The version of the metric definitions below, recorded with every stored evaluation, so that a figure is only
+# ever compared with figures that mean the same. tests/analysis/test_metrics.py pins each against values
+# worked out by hand on a tiny input: changing a definition fails it, and then this number goes up.
+#   1: FVU = Σ‖x − x̂‖² / Σ‖x − mean(x)‖² (explained variance = 1 − FVU, against the mean, not against zero);
+#      MSE = Σ‖x − x̂‖² / (n d); L0 = mean count of codes > 0 per token; dead = no firing in the last
+#      `dead_window` training tokens (in an evaluation: never fired on its tokens); CE loss recovered =
+#      (CE zero-ablated − CE with SAE) / (CE zero-ablated − CE clean), per predicted token; the KL score alike.
+METRICS_VERSION = 1
+
 
 def mse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     return (x_hat - x).pow(2).mean()

@@ -15,6 +15,8 @@ from collections.abc import Iterable
 
 import torch
 
+from midisc.analysis.metrics import METRICS_VERSION
+
 EVAL_TYPE = "core"
 DENSE_FREQUENCY = 0.1  # a feature firing on more than 10 % of tokens counts as dense
 
@@ -76,7 +78,8 @@ def core_report(recon: dict[str, float], spliced: dict[str, float | None], splic
             "token_stats": {"total_tokens_eval_reconstruction": spliced_tokens,
                             "total_tokens_eval_sparsity_variance": recon["tokens"]},
         },
-        "midisc": {"fvu": recon["fvu"], "dead_frac": recon["dead_frac"], "dense_frac": recon["dense_frac"]},
+        "midisc": {"fvu": recon["fvu"], "dead_frac": recon["dead_frac"], "dense_frac": recon["dense_frac"],
+                   "metrics_version": METRICS_VERSION},
     }
 
 
