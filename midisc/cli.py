@@ -34,10 +34,11 @@ class UsageError(ValueError):
 # the command never loaded cannot have been raised, and `python -m midisc.db` need not import torch.
 USER_ERRORS = (("midisc.cli", "UsageError"), ("midisc.config", "ConfigError"), ("midisc.data.lm", "ModelError"),
                ("midisc.data.corpus", "CorpusError"), ("midisc.data.cache", "CacheError"),
-               ("midisc.analysis.concepts", "ConceptError"), ("midisc.store.engine", "StoreError"),
-               ("midisc.store.records", "UnknownRunError"), ("midisc.training.reopen", "RunError"),
-               ("midisc.training.module", "NonFiniteLossError"), ("midisc.training.checkpoints", "CheckpointError"),
-               ("midisc.interpretation.backends", "BackendError"))
+               ("midisc.data.shards", "ShardError"), ("midisc.analysis.concepts", "ConceptError"),
+               ("midisc.store.engine", "StoreError"), ("midisc.store.records", "UnknownRunError"),
+               ("midisc.training.reopen", "RunError"), ("midisc.training.module", "NonFiniteLossError"),
+               ("midisc.training.checkpoints", "CheckpointError"), ("midisc.interpretation.backends", "BackendError"),
+               ("midisc.training.ranks", "RankFailed"))
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

@@ -233,10 +233,10 @@ def test_missing_required_paths_are_named():
     ("trainer._target_=", "trainer._target_ must be a non-empty string, got ''"),
     ("trainer._target_=lightning.Nope", "trainer._target_='lightning.Nope' is not an importable class"),
     ("trainer.accelerator=abc", "trainer.accelerator='abc' is not valid; choose one of: auto, gpu, cpu, cuda,"),
-    ("trainer.devices=null", "trainer.devices must be 1"),
-    ("trainer.devices=0", "trainer.devices must be 1"),
-    ("trainer.devices=-1", "trainer.devices must be 1"),
-    ("trainer.devices=2", "trainer.devices must be 1"),  # Lightning would start a second whole run (DDP)
+    ("trainer.devices=null", "trainer.devices must be a number of devices (1, 2, …); got None"),
+    ("trainer.devices=0", "trainer.devices must be a number of devices (1, 2, …); got 0"),
+    ("trainer.devices=-1", "trainer.devices must be a number of devices (1, 2, …); got -1"),
+    ("trainer.devices=[0]", "trainer.devices must be a number of devices (1, 2, …); got [0]"),  # no GPU here
     ("model.device_map=abc", "model.device_map must be one of auto, balanced, balanced_low_0, sequential, a device"),
     ("model.device_map=-1", "model.device_map must be one of"),
     ("model.device_map=''", "model.device_map must be one of"),
@@ -253,6 +253,6 @@ def test_values_that_failed_after_the_model_loaded_are_refused_first(override, m
 
 @pytest.mark.parametrize("override", ["model.device_map=auto", "model.device_map=cuda:1", "model.device_map=0",
                                       "model.device_map={model.embed_tokens:0}", "trainer.accelerator=cpu",
-                                      "trainer.devices=1"])
+                                      "trainer.devices=1", "trainer=ddp", "trainer.devices=3 trainer.num_nodes=2"])
 def test_device_settings_that_are_valid_pass(override):
     check_config(compose_config(override.split()))

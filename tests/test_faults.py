@@ -17,6 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from conftest import REPO, compose_config, run_cli, tiny_overrides
+from midisc import run as run_mod
 from midisc import train as train_mod
 from midisc.training.checkpoints import CheckpointError
 from midisc.db import main as db_main
@@ -183,13 +184,13 @@ def test_ctrl_c_marks_the_run_interrupted_keeps_its_metrics_and_saves_a_checkpoi
 
 def test_a_nan_loss_stops_the_run_as_failed_and_nothing_non_finite_is_kept(
         tmp_path, tiny_llama, text_folder, monkeypatch):
-    class Poisoned(train_mod.SAEModule):
+    class Poisoned(run_mod.SAEModule):
         def training_step(self, batch, batch_idx):
             if self.current_epoch == 1 and batch_idx == 2:
                 batch = batch * float("nan")
             return super().training_step(batch, batch_idx)
 
-    monkeypatch.setattr(train_mod, "SAEModule", Poisoned)
+    monkeypatch.setattr(run_mod, "SAEModule", Poisoned)
     url = f"sqlite:///{tmp_path / 'runs.db'}"
     with pytest.raises(NonFiniteLossError, match=r"the training loss became nan at step \d+ \(epoch 1\)"):
         train(tiny_cfg(tiny_llama, text_folder, url), tmp_path / "out")
@@ -205,8 +206,8 @@ def test_training_goes_on_while_the_database_is_away(tmp_path, tiny_llama, text_
     real = make_url(postgres_url)
     proxy = Proxy(real.host, real.port or 5432).start()
     url = real.set(port=proxy.port).render_as_string(hide_password=False)
-    recorder = train_mod.MetricsRecorder
-    original_epoch_end, original_finish = recorder.on_train_epoch_end, train_mod.finish
+    recorder = run_mod.MetricsRecorder
+    original_epoch_end, original_finish = recorder.on_train_epoch_end, run_mod.finish
 
     def epoch_end(self, trainer, module):
         (proxy.stop if trainer.current_epoch == 0 else proxy.start)()  # away at epoch 0's end, back at epoch 1's
@@ -217,7 +218,7 @@ def test_training_goes_on_while_the_database_is_away(tmp_path, tiny_llama, text_
         return original_finish(*args, **kwargs)
 
     monkeypatch.setattr(recorder, "on_train_epoch_end", epoch_end)
-    monkeypatch.setattr(train_mod, "finish", finish)
+    monkeypatch.setattr(run_mod, "finish", finish)
     try:
         result = train(tiny_cfg(tiny_llama, text_folder, url, "epochs=3"), tmp_path / "out")
         pending = tmp_path / "out" / PENDING_FILENAME
@@ -242,13 +243,13 @@ def test_resume_refuses_a_completed_run_and_one_still_training(tmp_path, tiny_ll
     cfg = tiny_cfg(tiny_llama, text_folder, url)
     with Store(url) as store:
         done = store.start_run(model="m", hook="h", layer=1, architecture="topk",
-                               config=train_mod.recorded_config(cfg), output_dir=str(tmp_path / "done"))
+                               config=run_mod.recorded_config(cfg), output_dir=str(tmp_path / "done"))
         store.finish_run(done, "completed")
         alive = store.start_run(model="m", hook="h", layer=1, architecture="topk",
-                                config=train_mod.recorded_config(cfg), output_dir=str(tmp_path / "alive"))
+                                config=run_mod.recorded_config(cfg), output_dir=str(tmp_path / "alive"))
     with open_dict(cfg):
         cfg.resume = done
-    with pytest.raises(train_mod.ConfigError, match=f"run {done} is already completed"):
+    with pytest.raises(run_mod.ConfigError, match=f"run {done} is already completed"):
         train_mod.resumed_config(cfg)
     with open_dict(cfg):
         cfg.resume = 99
@@ -258,10 +259,10 @@ def test_resume_refuses_a_completed_run_and_one_still_training(tmp_path, tiny_ll
     with open_dict(cfg):
         cfg.resume = alive
     resumed, folder = train_mod.resumed_config(cfg)
-    holder = train_mod.RunLock(folder)  # as the process that is still training holds it
+    holder = run_mod.RunLock(folder)  # as the process that is still training holds it
     assert holder.acquire()
     try:
-        with pytest.raises(train_mod.ConfigError, match="is in use by another training process"):
+        with pytest.raises(run_mod.ConfigError, match="is in use by another training process"):
             train(resumed, folder)
     finally:
         holder.release()
@@ -271,7 +272,7 @@ def test_resume_refuses_a_completed_run_and_one_still_training(tmp_path, tiny_ll
 
 def stop_at(monkeypatch, step: int, stop=None) -> None:
     """Make training stop once it reaches global step `step`: Ctrl-C (KeyboardInterrupt) or `stop()`."""
-    original = train_mod.SAEModule.training_step
+    original = run_mod.SAEModule.training_step
 
     def training_step(self, batch, batch_idx):
         if self.trainer.global_step == step:
@@ -280,7 +281,7 @@ def stop_at(monkeypatch, step: int, stop=None) -> None:
             stop()
         return original(self, batch, batch_idx)
 
-    monkeypatch.setattr(train_mod.SAEModule, "training_step", training_step)
+    monkeypatch.setattr(run_mod.SAEModule, "training_step", training_step)
 
 
 def interrupted_run(monkeypatch, cfg, folder: Path, step: int, stop=None) -> dict:
@@ -341,7 +342,7 @@ def test_a_run_stopped_after_its_last_epoch_resumes_into_the_same_rows(tmp_path,
     def stopped(*args, **kwargs):
         raise KeyboardInterrupt  # as Ctrl-C during the feature analysis
     with monkeypatch.context() as patch:
-        patch.setattr(train_mod, "finish", stopped)
+        patch.setattr(run_mod, "finish", stopped)
         with pytest.raises(KeyboardInterrupt):
             train(cfg, tmp_path / "run")
     with open_dict(cfg):
@@ -394,7 +395,7 @@ def test_sigterm_stops_the_run_as_interrupted_naming_the_signal(tmp_path, tiny_l
 def test_a_run_recorded_before_the_sae_package_resumes_with_its_class(tmp_path, tiny_llama, text_folder):
     url = f"sqlite:///{tmp_path / 'runs.db'}"
     cfg = tiny_cfg(tiny_llama, text_folder, url, "sae=batchtopk")
-    recorded = train_mod.recorded_config(cfg)
+    recorded = run_mod.recorded_config(cfg)
     recorded["sae"]["_target_"] = "midisc.sae_jump.BatchTopKSAE"  # the module it lived in until 2026-12
     with Store(url) as store:
         old = store.start_run(model="m", hook="h", layer=1, architecture="batchtopk", config=recorded,
@@ -404,4 +405,4 @@ def test_a_run_recorded_before_the_sae_package_resumes_with_its_class(tmp_path, 
         cfg.resume = old
     resumed, _ = train_mod.resumed_config(cfg)
     assert resumed.sae._target_ == "midisc.sae.BatchTopKSAE"
-    assert train_mod.get_class(resumed.sae._target_).__name__ == "BatchTopKSAE"
+    assert run_mod.get_class(resumed.sae._target_).__name__ == "BatchTopKSAE"

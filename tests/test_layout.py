@@ -66,7 +66,7 @@ def test_the_data_package_imports_nothing_else_of_midisc():
 
 # Top-level modules that are not commands: what the commands share, the config and command-line checks, the run
 # folder's names.
-NOT_COMMANDS = {"midisc", "midisc.cli", "midisc.config", "midisc.jobs", "midisc.overrides", "midisc.run_folder"}
+NOT_COMMANDS = {"midisc", "midisc.cli", "midisc.config", "midisc.jobs", "midisc.overrides", "midisc.run", "midisc.run_folder"}
 
 
 def test_nothing_imports_a_command():

@@ -102,7 +102,7 @@ def test_every_other_readme_command_runs(tmp_path):
     assert any(" -m " in c for c in commands) and any("experiment=seed_phi2" in c for c in commands)
     for command in sorted(commands, key=lambda c: "midisc.train" not in c):  # training first, the tools after
         words = shlex.split(command)
-        if words[1] == "-m" and words[2] == "midisc.train":
+        if words[1] == "-m" and words[2] in ("midisc.train", "midisc.harvest"):  # both take the training config
             args = [first_of_sweep(w) for w in words[2:]] + SHRINK
             args += [] if "sae.expansion=" in command else [NARROW]
             proc = run_cli(args, cwd=tmp_path, timeout=900, env={"HF_HUB_OFFLINE": "1"})

@@ -15,6 +15,7 @@ import torch
 from omegaconf import open_dict
 
 from conftest import REPO, compose_config, run_cli, tiny_overrides
+from midisc import run as run_mod
 from midisc import train as train_mod
 from midisc.publish.write import sha256
 from midisc.data.lm import ModelError
@@ -91,8 +92,8 @@ def test_disk_cache_is_written_and_reused(tmp_path, tiny_llama, text_folder, cap
     extra = ("activations.cache=disk", f"activations.cache_dir={tmp_path / 'cache'}")
     first, _ = run_tiny(tmp_path, tiny_llama, text_folder, *extra)
     (folder,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
-    assert (folder / "meta.json").is_file()
-    caplog.set_level(logging.INFO, logger="midisc.train")
+    assert (folder / "manifest.json").is_file() and list(folder.glob("shard-*.safetensors"))
+    caplog.set_level(logging.INFO, logger="midisc.run")
     second, _ = run_tiny(tmp_path, tiny_llama, text_folder, *extra)
     assert second.metrics["n_tokens"] == first.metrics["n_tokens"]
     assert f"reusing cached activations from {folder}" in caplog.text
@@ -123,7 +124,7 @@ def test_a_crash_marks_the_run_failed_with_the_error(tmp_path, tiny_llama, text_
     def boom(self, batch, batch_idx):
         raise RuntimeError("simulated crash in the training step")
 
-    monkeypatch.setattr(train_mod.SAEModule, "training_step", boom)
+    monkeypatch.setattr(run_mod.SAEModule, "training_step", boom)
     with pytest.raises(RuntimeError):
         run_tiny(tmp_path, tiny_llama, text_folder)
     (run,) = Store(f"sqlite:///{tmp_path / 'runs.db'}").list_runs()
@@ -134,7 +135,7 @@ def test_ctrl_c_marks_the_run_interrupted(tmp_path, tiny_llama, text_folder, mon
     def interrupt(self, batch, batch_idx):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod.SAEModule, "training_step", interrupt)
+    monkeypatch.setattr(run_mod.SAEModule, "training_step", interrupt)
     previous = signal.getsignal(signal.SIGINT)
     try:
         with pytest.raises((KeyboardInterrupt, SystemExit)):

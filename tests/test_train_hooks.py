@@ -7,7 +7,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import compose_config, run_cli, tiny_overrides
-from midisc import train as train_mod
+from midisc import run as run_mod
 from midisc.config import ConfigError
 from midisc.data.cache import SharedCache
 from midisc.data.lm import ModelError
@@ -71,14 +71,14 @@ def test_the_job_fills_the_caches_a_separate_harvest_would(tmp_path, tiny_llama,
 
 
 def test_a_failed_hook_is_recorded_and_the_others_go_on(tmp_path, tiny_llama, text_folder, monkeypatch):
-    real = train_mod._train
+    real = run_mod._train
 
     def breaks_on_layer_0(cfg, *args):
         if cfg.layer == 0:
             raise ConfigError("planted failure")
         return real(cfg, *args)
 
-    monkeypatch.setattr(train_mod, "_train", breaks_on_layer_0)
+    monkeypatch.setattr(run_mod, "_train", breaks_on_layer_0)
     results, failed = train_hooks(job(tmp_path, tiny_llama, text_folder, "layers=[0,1]"), tmp_path / "out")
     assert failed == ["layer=0: planted failure"] and [r.output_dir.name for r in results] == ["layer=1"]
     with Store(f"sqlite:///{tmp_path / 'runs.db'}") as store:

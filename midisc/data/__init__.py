@@ -5,6 +5,7 @@ module and runs the model only as far as it; `corpus` reads, cleans and splits t
 tokenises them into contexts; `activations` filters the hooked activations (position 0, separators, norm
 outliers), shuffles them and streams SAE batches; `cache` keeps them on disk for later epochs and other runs,
 in the folder layout of `shards` (safetensors shards and a manifest), and `merge` joins the parts of a
-harvest split across machines; `recipe` is how one run makes its activations (model, hook, tokens, filters),
-built once from its config by training and by every tool that reopens the run.
+harvest split across machines; `prefill` fills several hooks' caches from one pass of the model; `recipe`
+is how one run makes its activations (model, hook, tokens, filters), built once from its config by training
+and by every tool that reopens the run.
 """

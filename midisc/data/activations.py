@@ -189,6 +189,8 @@ class ActivationStream(IterableDataset):
         self.epoch = 0
         # Optional () -> (epoch, batches of it already trained on), from the trainer; see checkpoints.py.
         self.position: Callable[[], tuple[int, int]] | None = None
+        # Optional () -> (rank, world size) of a distributed run, from the trainer: each rank reads its own blocks.
+        self.shard: Callable[[], tuple[int, int]] | None = None
         self.harvested = 0  # vectors the language model gave in epoch 1, even when it was cut short
         self.reused_cache = cache.complete  # a complete disk cache from an earlier run with the same producer
 
@@ -205,11 +207,32 @@ class ActivationStream(IterableDataset):
             raise
         self.cache.finish()
 
-    def _cached_chunks(self, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    def _cached_chunks(self, generator: torch.Generator, rank: int = 0, world: int = 1) -> Iterator[torch.Tensor]:
         # Blocks in random order, then the buffer permutes rows across blocks: reads stay sequential on disk.
         starts = torch.arange(0, len(self.cache), self.block_rows)
-        for start in starts[torch.randperm(len(starts), generator=generator)].tolist():
+        order = starts[torch.randperm(len(starts), generator=generator)].tolist()
+        if world > 1:  # disjoint full blocks, as many for every rank (see `_shared_blocks`); the rest sit out
+            order = [start for start in order if start + self.block_rows <= len(self.cache)]
+            order = order[rank:self._shared_blocks(world) * world:world]
+        for start in order:
             yield self.cache.block(start, min(start + self.block_rows, len(self.cache)))
+
+    def _shared_blocks(self, world: int) -> int:
+        """Full blocks each rank of a distributed run reads per epoch: the same number everywhere, so every rank
+        trains the same number of steps (a rank that ran out first would leave the others waiting in a gradient
+        all-reduce). Fewer than `world` blocks sit out each epoch, other ones each time."""
+        return len(self.cache) // self.block_rows // world
+
+    def _sharding(self) -> tuple[int, int]:
+        rank, world = self.shard() if self.shard else (0, 1)
+        if world > 1 and not self.cache.complete:
+            raise RuntimeError("a distributed run reads its activations from a complete cache; harvest it first "
+                               "(data/prefill.py)")
+        if world > 1 and self._shared_blocks(world) * self.block_rows < self.batch_size:
+            raise ValueError(f"{len(self.cache):,} activation vectors make {len(self.cache) // self.block_rows} "
+                             f"blocks of {self.block_rows:,}: too few for {world} processes to get one batch of "
+                             f"{self.batch_size:,} each; raise max_samples or lower batch_size or trainer.devices")
+        return rank, world
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         # Asked at the first batch, not when iter() is called: a resumed trainer knows its place only then.
@@ -223,8 +246,9 @@ class ActivationStream(IterableDataset):
             for _ in tqdm(self._harvest_into_cache(), desc="refilling the activation cache", unit="chunk",
                           leave=False, disable=None):
                 pass
-        generator = torch.Generator().manual_seed(self.seed + epoch)
-        chunks = self._cached_chunks(generator) if self.cache.complete else self._harvest_into_cache()
+        rank, world = self._sharding()
+        generator = torch.Generator().manual_seed(self.seed + epoch)  # one order for all ranks: they split it
+        chunks = self._cached_chunks(generator, rank, world) if self.cache.complete else self._harvest_into_cache()
         batches = shuffled_batches(chunks, self.batch_size, self.buffer_size, generator)
         try:
             for i, batch in enumerate(batches):
@@ -234,7 +258,10 @@ class ActivationStream(IterableDataset):
             batches.close()  # an epoch cut short reaches _harvest_into_cache, which must not publish it
 
     def __len__(self) -> int:
+        _, world = self._sharding()
         rows = len(self.cache) if self.cache.complete else self.expected_rows
+        if world > 1:
+            rows = self._shared_blocks(world) * self.block_rows
         return max(rows // self.batch_size, 1)
 
     @property

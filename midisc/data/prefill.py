@@ -33,7 +33,7 @@ def prefill(sources: Sequence[Source], caches: Sequence[ActivationCache], train_
         for kept, chunk in zip(heldout, chunks):
             kept.append(chunk)
     for cache, chunks in zip(caches, heldout):
-        if isinstance(cache, SharedCache):
+        if isinstance(cache, SharedCache) and len(heldout_contexts):  # a part of a split harvest may hold none
             cache.save_heldout(chunks)
         cache.reset()
     left = [max_vectors] * len(sources)  # None: every vector

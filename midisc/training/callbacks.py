@@ -34,8 +34,8 @@ class MetricsRecorder(L.Callback):
         self.curves.parent.mkdir(parents=True, exist_ok=True)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        if trainer.global_step % trainer.log_every_n_steps and not trainer.is_last_batch:
-            return
+        if not trainer.is_global_zero or trainer.global_step % trainer.log_every_n_steps and not trainer.is_last_batch:
+            return  # rank 0 alone writes the curve of a distributed run
         logged = trainer.callback_metrics
         # A metric logged per step and per epoch is here as name_step; one logged per step only (the lr) bare.
         values = {name.removesuffix("_step"): float(value) for name, value in logged.items()

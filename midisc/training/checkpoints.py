@@ -108,6 +108,8 @@ class Checkpointer(L.Callback):
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.folder / f".{LAST}.partial"
         trainer.save_checkpoint(tmp, weights_only=False)  # the optimizer and loop state too: resume needs them
+        if not trainer.is_global_zero:  # every rank of a distributed run calls save_checkpoint; rank 0 writes
+            return
         if (self.folder / LAST).is_file():
             os.replace(self.folder / LAST, self.folder / PREVIOUS)
         os.replace(tmp, self.folder / LAST)

@@ -78,6 +78,9 @@ class SAEModule(L.LightningModule):
                 self.input_scale.fill_((x.shape[1] / x.pow(2).sum(1).mean().clamp_min(1e-12)).sqrt())
             self.sae.init_b_dec(x * self.input_scale, self.b_dec_init)
             self.b_dec_ready.fill_(True)
+            if self._world() > 1:  # each rank started from its own first batch: all take rank 0's start
+                for tensor in (self.input_scale, *self.sae.parameters()):
+                    torch.distributed.broadcast(tensor.data, src=0)
         self._b_dec_ready_seen = True
         s = self.input_scale
         x = x * s
@@ -94,7 +97,12 @@ class SAEModule(L.LightningModule):
         if logging:
             self.raise_if_nonfinite()
         fired = (out.codes > 0).any(0)
-        self.tokens_since_fired += len(x)
+        seen = len(x)
+        if self._world() > 1:  # a feature fired if it fired on any rank's batch: dead counts, and AuxK, agree
+            anywhere = fired.to(torch.int32)
+            torch.distributed.all_reduce(anywhere, op=torch.distributed.ReduceOp.MAX)
+            fired, seen = anywhere.bool(), seen * self._world()
+        self.tokens_since_fired += seen
         self.tokens_since_fired.masked_fill_(fired, 0)  # not [fired] = 0: boolean indexing syncs with a GPU
         fvu, l0, dead = metrics.fvu(x, out.x_hat), metrics.l0(out.codes), self.dead_frac()
         # MSE and L1 in the units of the raw activations, so runs with and without scaling compare.
@@ -109,6 +117,11 @@ class SAEModule(L.LightningModule):
         if logging or self.trainer.is_last_batch:
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return out.loss
+
+    def _world(self) -> int:
+        """Processes training this SAE together (DDP): 1 outside a distributed run."""
+        dist = torch.distributed
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
     def logging_step(self) -> bool:
         """Whether Lightning's logger writes this step's metrics (its rule: every log_every_n_steps-th step)."""

@@ -125,3 +125,6 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     # A resumed run replays the epoch's seeded order and skips what was trained (see checkpoints.py).
     warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
+    # Under DDP every rank validates on all held-out vectors (the same figures on each), and rank 0's training
+    # averages stand for the run's: syncing them every step would cost an all-reduce per metric.
+    warnings.filterwarnings("ignore", message=".*sync_dist=True.*when logging on epoch level in distributed.*")

@@ -97,3 +97,44 @@ def test_a_first_epoch_cut_short_counts_its_rows_but_completes_no_cache(tmp_path
     batches.close()  # a trainer stopping at max_steps
     assert not cache.complete and stream.n_rows >= 8
     assert not list((tmp_path / "disk").glob("*.partial"))
+
+
+def full_memory_cache(rows: torch.Tensor) -> MemoryCache:
+    cache = MemoryCache()
+    cache.append(rows)
+    cache.finish()
+    return cache
+
+
+def test_ranks_read_disjoint_blocks_and_the_same_number_of_batches():
+    rows = torch.arange(10_500, dtype=torch.float32).unsqueeze(1).repeat(1, 3)  # row i holds i: traceable
+    cache = full_memory_cache(rows)
+    streams = []
+    for rank in range(2):
+        stream = ActivationStream(lambda: iter(()), cache, batch_size=100, buffer_size=400, expected_rows=0,
+                                  seed=3, block_rows=1000)
+        stream.shard = lambda rank=rank: (rank, 2)
+        streams.append(stream)
+    for epoch in range(2):
+        seen = [torch.cat(list(stream))[:, 0].long() for stream in streams]
+        # 10 full blocks (the short last one sits out): 5 each, 50 batches each, as len() says beforehand
+        assert [len(s) for s in seen] == [5000, 5000] and [len(stream) for stream in streams] == [50, 50]
+        assert not set(seen[0].tolist()) & set(seen[1].tolist())
+        blocks = {int(i) // 1000 for s in seen for i in s}
+        assert len(blocks) == 10 and 10 not in blocks  # whole blocks of full length, none twice
+        if epoch == 0:
+            first = set(seen[0].tolist())
+        else:
+            assert set(seen[0].tolist()) != first  # each epoch deals the blocks anew
+
+
+def test_a_distributed_stream_refuses_an_unfilled_cache_and_too_few_blocks():
+    stream = ActivationStream(lambda: iter(()), MemoryCache(), batch_size=8, buffer_size=16, expected_rows=100)
+    stream.shard = lambda: (0, 2)
+    with pytest.raises(RuntimeError, match="complete cache"):
+        list(stream)
+    small = ActivationStream(lambda: iter(()), full_memory_cache(torch.zeros(1500, 2)), batch_size=8,
+                             buffer_size=16, expected_rows=0, block_rows=1000)
+    small.shard = lambda: (1, 2)
+    with pytest.raises(ValueError, match="too few for 2 processes to get one batch of 8 each"):
+        len(small)
