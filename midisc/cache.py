@@ -14,25 +14,14 @@ FOLDER is one cache, <cache root>/<key>/ with its manifest.json. Every command t
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
 
-from midisc.cli import UsageError, make_console, make_table, number, print_json, run_tool
+from midisc.cli import Command, UsageError, make_console, make_table, number, parse_subcommands, print_json, run_tool
 from midisc.data.cache import human
 from midisc.data.merge import merge_into, part_groups
 from midisc.data.shards import load_manifest, verify
-
-
-@dataclass(frozen=True)
-class Command:
-    """One subcommand: what it does (for --help), its function, and the arguments it adds to --json."""
-
-    help: str
-    run: Callable[[argparse.Namespace, Console], int]
-    arguments: Callable[[argparse.ArgumentParser], None] = field(default=lambda _parser: None)
 
 
 def cache_folder(path: str) -> Path:
@@ -138,13 +127,7 @@ COMMANDS: dict[str, Command] = {
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m midisc.cache", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    for name, command in COMMANDS.items():
-        sub = commands.add_parser(name, help=command.help, description=command.help)
-        sub.add_argument("--json", action="store_true", help="print JSON instead of text")
-        command.arguments(sub)
-    return parser.parse_args(argv)
+    return parse_subcommands("python -m midisc.cache", __doc__.split("\n")[0], COMMANDS, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 from pathlib import Path
 
@@ -44,6 +45,29 @@ USER_ERRORS = (("midisc.cli", "UsageError"), ("midisc.config", "ConfigError"), (
 def user_errors() -> tuple[type[BaseException], ...]:
     """The USER_ERRORS of the modules loaded so far, as classes for `except` and `isinstance`."""
     return tuple(getattr(sys.modules[module], name) for module, name in USER_ERRORS if module in sys.modules)
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand of a tool with several (db, cache): what it does (for --help), its function, and the
+    arguments it adds."""
+
+    help: str
+    run: Callable[[argparse.Namespace, Console], int]
+    arguments: Callable[[argparse.ArgumentParser], None] = field(default=lambda _parser: None)
+
+
+def parse_subcommands(prog: str, description: str, commands: dict[str, Command], argv: list[str] | None,
+                      common: Callable[[argparse.ArgumentParser], None] = lambda _parser: None) -> argparse.Namespace:
+    """The arguments of `prog COMMAND …`: each subcommand takes --json, what `common` adds, and its own."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name, command in commands.items():
+        sub = subparsers.add_parser(name, help=command.help, description=command.help)
+        sub.add_argument("--json", action="store_true", help="print JSON instead of text")
+        common(sub)
+        command.arguments(sub)
+    return parser.parse_args(argv)
 
 
 def add_db_argument(parser: argparse.ArgumentParser) -> None:

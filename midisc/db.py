@@ -19,15 +19,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
 from sqlalchemy import Engine
 
-from midisc.cli import UsageError, add_db_argument, make_console, print_json, run_tool
+from midisc.cli import Command, UsageError, add_db_argument, make_console, parse_subcommands, print_json, run_tool
 from midisc.store import Store
 from midisc.store.engine import (
     StoreError,
@@ -48,15 +47,6 @@ from midisc.store.schema import (
     schema_differences,
     upgrade,
 )
-
-
-@dataclass(frozen=True)
-class Command:
-    """One subcommand: what it does (for --help), its function, and the arguments it adds to --db and --json."""
-
-    help: str
-    run: Callable[[argparse.Namespace, Console], int]
-    arguments: Callable[[argparse.ArgumentParser], None] = field(default=lambda _parser: None)
 
 
 @contextmanager
@@ -239,14 +229,7 @@ COMMANDS: dict[str, Command] = {
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m midisc.db", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    for name, command in COMMANDS.items():
-        sub = commands.add_parser(name, help=command.help, description=command.help)
-        sub.add_argument("--json", action="store_true", help="print JSON instead of text")
-        add_db_argument(sub)
-        command.arguments(sub)
-    return parser.parse_args(argv)
+    return parse_subcommands("python -m midisc.db", __doc__.split("\n")[0], COMMANDS, argv, common=add_db_argument)
 
 
 def main(argv: list[str] | None = None) -> int:
