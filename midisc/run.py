@@ -275,7 +275,7 @@ def _train(cfg: DictConfig, output_dir: Path, store: Store | None, run_id: int |
         store.update_run(run_id, d_in=sae.d_in, d_sae=sae.d_sae)
     if cfg.resample_every and not hasattr(sae, "b_enc"):
         raise ConfigError(f"resample_every={cfg.resample_every} needs an SAE with an encoder bias b_enc (relu, topk, "
-                          f"batchtopk, jumprelu); {type(sae).__name__} has none: set resample_every=0")
+                          f"batchtopk, matryoshka, jumprelu); {type(sae).__name__} has none: set resample_every=0")
     module = SAEModule(sae, instantiate(cfg.optimizer), b_dec_init=cfg.b_dec_init, dead_window=cfg.dead_window,
                        normalize_input=cfg.normalize_input, resample_every=cfg.resample_every, **cfg.schedule)
     checkpointer = Checkpointer(output_dir / CHECKPOINT_DIR, cfg.checkpoint_every, rows=lambda: stream.n_rows)

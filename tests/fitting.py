@@ -21,3 +21,13 @@ def sparse_data(n=40, batch=128, d=16, seed=0):
         idx = torch.randint(0, 32, (batch, 3), generator=g)
         out.append(atoms[idx].sum(1) + 10)  # an offset the decoder bias must learn
     return out
+
+
+def randomise(sae, seed=0):
+    """The SAE's weights drawn at random (N(0, 0.25)), biases too: no structure an exact test could lean on."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            p = getattr(sae, name)
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return sae

@@ -26,7 +26,7 @@ def test_misspelt_keys_accepts_keys_whose_value_is_still_missing():
     (["epochs"], "epochs is not an override: it has no =; write key=value, or group=option"),
     # Hydra: "Could not find 'sae/nope'", the options one per line, and the search path
     (["sae=nope"], "sae=nope is not an option of the config group sae; choose one of: batchtopk, gated, jumprelu, "
-                   "relu, topk"),
+                   "matryoshka, relu, topk"),
     # Hydra: a traceback (ValueError: Config group override must be a string or a list. Got int)
     (["logger=12"], "logger=12 is not an option of the config group logger; choose one of: csv, none, wandb"),
     (["optimizer.betas={a:1}"], "optimizer.betas={a:1} cannot be applied: Cannot merge DictConfig with ListConfig"),

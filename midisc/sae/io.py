@@ -16,7 +16,8 @@ from midisc.sae.topk import TopKSAE
 
 __all__ = ["CFG_FILENAME", "WEIGHTS_FILENAME", "SAVED_ARCHITECTURES", "SAEFileError", "load_sae"]
 
-# The architectures cfg.json may name; BatchTopK is saved as JumpReLU with one shared threshold.
+# The architectures cfg.json may name; BatchTopK and Matryoshka BatchTopK are saved as JumpReLU with one shared
+# threshold, their training settings (k, matryoshka_widths) kept in cfg.json for the record only.
 SAVED_ARCHITECTURES = ("standard", "topk", "jumprelu", "gated")
 
 # cfg.json settings that would change the maths; we implement only these values, so refuse others

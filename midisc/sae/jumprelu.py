@@ -207,18 +207,26 @@ class BatchTopKSAE(SparseAutoencoder):
         n = min(self.k * len(flat), len(flat) * self.d_sae)
         values, tokens, features = BatchTopKEncoder.apply(flat, self.W_enc, shift, n)
         values = torch.relu(values)
-        x_hat = sparse_ops.decode(features, values, self.W_dec, sparse_ops.offsets_of(tokens, len(flat))) + self.b_dec
+        offsets = sparse_ops.offsets_of(tokens, len(flat))
+        x_hat = sparse_ops.decode(features, values, self.W_dec, offsets) + self.b_dec
         mse = (x_hat - flat).pow(2).mean()
+        recon = self._reconstruction_loss(flat, features, values, offsets, mse)
         aux = sparse_ops.sparse_auxk(flat, self.W_enc, shift, self.W_dec, dead, self.aux_k, flat - x_hat) \
             if self.aux_k_coef else None
         with torch.no_grad():
             codes = flat.new_zeros(len(flat), self.d_sae).index_put_((tokens, features), values)
             self._update_threshold(values)
             l1 = (values * self.W_dec.norm(dim=1)[features]).sum() / len(flat)
-        loss = mse if aux is None else mse + self.aux_k_coef * aux
+        loss = recon if aux is None else recon + self.aux_k_coef * aux
         shape = x.shape[:-1]
         return Output(x_hat=x_hat.reshape(*shape, self.d_in), codes=codes.reshape(*shape, self.d_sae), loss=loss,
                       mse=mse, l1=l1, aux=aux)
+
+    def _reconstruction_loss(self, flat: Tensor, features: Tensor, values: Tensor, offsets: Tensor,
+                             mse: Tensor) -> Tensor:
+        """The reconstruction term of the training loss, from the selected entries (features, values) of the
+        flat batch: the whole dictionary's MSE. Matryoshka asks the same of each of its nested prefixes."""
+        return mse
 
     @torch.no_grad()
     def _update_threshold(self, values: Tensor) -> None:

@@ -12,19 +12,10 @@ from conftest import compose_config, tiny_overrides
 from midisc.training.module import SAEModule
 from midisc.sae import load_sae
 from midisc.sae.jumprelu import BatchTopKSAE, JumpReLUSAE
-from fitting import fit, sparse_data
+from fitting import fit, randomise, sparse_data
 
 D_IN, EXPANSION = 6, 4
 D_SAE = D_IN * EXPANSION
-
-
-def randomise(sae, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-            p = getattr(sae, name)
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    return sae
 
 
 def jumprelu(**kw):
