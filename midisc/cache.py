@@ -98,7 +98,7 @@ def cmd_merge(args: argparse.Namespace, console: Console) -> int:
         merged.append({"folder": str(folder), "parts": [str(p) for p in parts], "rows": manifest["rows"],
                        "shards": len(manifest["shards"]), "producer": manifest["producer"]})
         if not args.json:
-            say(console, f"{folder}: the {len(parts)} part(s) as one cache, {manifest['rows']:,} vectors in "
+            say(console, f"{folder}: the whole harvest of {len(parts)} part(s), {manifest['rows']:,} vectors in "
                          f"{len(manifest['shards'])} shard(s); runs of this producer under {args.into} reuse it")
     if args.json:
         print_json(merged[0] if len(merged) == 1 else merged)

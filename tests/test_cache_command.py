@@ -61,7 +61,7 @@ def test_merge_puts_the_whole_harvest_where_training_finds_it(tmp_path, capsys):
              for i, piece in enumerate(rows.tensor_split(2))]
     assert main(["merge", *map(str, parts), "--into", str(tmp_path / "cache")]) == 0
     folder = tmp_path / "cache" / cache_key(**PRODUCER)
-    assert f"{folder}: the 2 part(s) as one cache, 10 vectors in 4 shard(s)" in capsys.readouterr().out
+    assert f"{folder}: the whole harvest of 2 part(s), 10 vectors in 4 shard(s)" in capsys.readouterr().out
     with SharedCache.open(tmp_path / "cache", PRODUCER, dtype="float32", max_bytes=None, expected_bytes=0,
                           log=lambda _: None) as cache:
         assert cache.complete and torch.equal(cache.block(0, 10), rows)
@@ -94,7 +94,7 @@ def test_merge_takes_the_roots_of_a_split_harvest_of_several_hooks(tmp_path, cap
             part(tmp_path / f"part{i}", producer, f"{i}/2", torch.full((3, 4), float(i)))
     assert main(["merge", str(tmp_path / "part0"), str(tmp_path / "part1"), "--into", str(tmp_path / "c")]) == 0
     out = capsys.readouterr().out
-    assert out.count("the 2 part(s) as one cache, 6 vectors") == 2
+    assert out.count("the whole harvest of 2 part(s), 6 vectors") == 2
     for producer in hooks:
         with SharedCache.open(tmp_path / "c", producer, dtype="float32", max_bytes=None, expected_bytes=0,
                               log=lambda _: None) as cache:

@@ -209,29 +209,36 @@ class ActivationStream(IterableDataset):
 
     def _cached_chunks(self, generator: torch.Generator, rank: int = 0, world: int = 1) -> Iterator[torch.Tensor]:
         # Blocks in random order, then the buffer permutes rows across blocks: reads stay sequential on disk.
-        starts = torch.arange(0, len(self.cache), self.block_rows)
+        size = self._block(world)
+        starts = torch.arange(0, len(self.cache), size)
         order = starts[torch.randperm(len(starts), generator=generator)].tolist()
         if world > 1:  # disjoint full blocks, as many for every rank (see `_shared_blocks`); the rest sit out
-            order = [start for start in order if start + self.block_rows <= len(self.cache)]
+            order = [start for start in order if start + size <= len(self.cache)]
             order = order[rank:self._shared_blocks(world) * world:world]
         for start in order:
-            yield self.cache.block(start, min(start + self.block_rows, len(self.cache)))
+            yield self.cache.block(start, min(start + size, len(self.cache)))
+
+    def _block(self, world: int) -> int:
+        """Rows per block: `block_rows`, or in a distributed run small enough that every rank gets 16 blocks or
+        more, so what sits out (see `_shared_blocks`) stays a sliver of a small cache."""
+        return self.block_rows if world == 1 else max(1, min(self.block_rows, len(self.cache) // (16 * world)))
 
     def _shared_blocks(self, world: int) -> int:
         """Full blocks each rank of a distributed run reads per epoch: the same number everywhere, so every rank
         trains the same number of steps (a rank that ran out first would leave the others waiting in a gradient
-        all-reduce). Fewer than `world` blocks sit out each epoch, other ones each time."""
-        return len(self.cache) // self.block_rows // world
+        all-reduce). Fewer than `world` blocks and the short last one sit out each epoch, other ones each time:
+        under 1/16 of the rows."""
+        return len(self.cache) // self._block(world) // world
 
     def _sharding(self) -> tuple[int, int]:
         rank, world = self.shard() if self.shard else (0, 1)
         if world > 1 and not self.cache.complete:
             raise RuntimeError("a distributed run reads its activations from a complete cache; harvest it first "
                                "(data/prefill.py)")
-        if world > 1 and self._shared_blocks(world) * self.block_rows < self.batch_size:
-            raise ValueError(f"{len(self.cache):,} activation vectors make {len(self.cache) // self.block_rows} "
-                             f"blocks of {self.block_rows:,}: too few for {world} processes to get one batch of "
-                             f"{self.batch_size:,} each; raise max_samples or lower batch_size or trainer.devices")
+        if world > 1 and self._shared_blocks(world) * self._block(world) < self.batch_size:
+            raise ValueError(f"{len(self.cache):,} activation vectors are too few for {world} processes to get one "
+                             f"batch of {self.batch_size:,} each; raise max_samples or lower batch_size or "
+                             "trainer.devices")
         return rank, world
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -261,7 +268,7 @@ class ActivationStream(IterableDataset):
         _, world = self._sharding()
         rows = len(self.cache) if self.cache.complete else self.expected_rows
         if world > 1:
-            rows = self._shared_blocks(world) * self.block_rows
+            rows = self._shared_blocks(world) * self._block(world)
         return max(rows // self.batch_size, 1)
 
     @property
