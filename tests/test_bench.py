@@ -39,9 +39,10 @@ QUICK_KEYS = {
     "autointerp.py": {"rows", "targets_met", "detection_margin"},
     "serve.py": {"rows", "targets_met", "postgres"},
     "shards.py": {"rows", "targets_met", "write"},
+    "scale.py": {"rows", "targets_met", "harvest_ratio", "total_speedup", "ddp_fvu_diff", "ddp_time_ratio"},
 }
 # The fault campaign's quick mode is a few minutes of real runs; the others take seconds.
-TIMEOUT_S = {"faults.py": 1200}
+TIMEOUT_S = {"faults.py": 1200, "scale.py": 600}
 
 
 @pytest.mark.parametrize("script, keys", QUICK_KEYS.items())
