@@ -53,6 +53,11 @@ def fewer_features(words: list[str]) -> list[str]:
                    "examples.fuzz=2", "pool_contexts=4", "explainer.max_new_tokens=8"]
 
 
+def fewer_steps(words: list[str]) -> list[str]:
+    """synth at 100 steps per SAE: the command is what is tested here; tests/test_synth.py holds it to its scores."""
+    return words + ["--steps", "100", "--heldout", "2000"] if "midisc.synth" in words else words
+
+
 def other_commands() -> list[str]:
     """Every `python ...` line after the first two blocks, but the benchmarks: tests/test_bench.py runs those."""
     return [line.split("  #")[0].strip() for block in bash_blocks()[2:] for line in block.splitlines()
@@ -113,7 +118,8 @@ def test_every_other_readme_command_runs(tmp_path):
             serves(words[3:], tmp_path)
             continue
         else:
-            proc = subprocess.run([sys.executable, *fewer_features(fewer_tokens(words[1:]))], cwd=tmp_path,
+            shrunk = fewer_steps(fewer_features(fewer_tokens(words[1:])))
+            proc = subprocess.run([sys.executable, *shrunk], cwd=tmp_path,
                                   capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, f"{command}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert len(Store(f"sqlite:///{tmp_path / 'outputs' / 'midisc.db'}").list_runs()) >= 7
