@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         tokens = source.tokens
         maxima = text_maxima(run.sae, source.model, source.module, tokens.tokenizer, texts,
                              prefix=tokens.bos if tokens.bos is not None else tokens.separator, special=tokens.special,
-                             context_size=run.config["context_size"], outlier_factor=source.recipe.outlier_factor)
+                             context_size=run.config["context_size"], outlier_factor=source.recipe.outlier_factor,
+                             transcode=source.recipe.transcode)
         results = {}
         for name in targets:
             mine = torch.tensor([o == name for o in owner])

@@ -29,6 +29,7 @@ from midisc.data.corpus import SOURCES
 from midisc.data.lm import DTYPES
 from midisc.sae.base import B_DEC_METHODS
 from midisc.sae.settings import integer, number
+from midisc.sae.transcoder import coder_class
 from midisc.store.engine import StoreError, parse_url, postgres_url_from_env
 
 
@@ -256,14 +257,27 @@ def check_resolvable(node: DictConfig | ListConfig, prefix: str = "") -> None:
             check_resolvable(child, f"{path}.")
 
 
-# Given by train.py, not by the config: the model's width and the run's seed.
-SAE_ARGUMENTS_FROM_THE_RUN = ("d_in", "seed")
+# Given by train.py, not by the config: the model's width and the run's seed (and a transcoder's output width).
+SAE_ARGUMENTS_FROM_THE_RUN = ("d_in", "seed", "d_out")
+# Keys of `sae:` that pick the class rather than set it up: sae.kind (sae | transcoder), and sae.skip.
+SAE_KIND_KEYS = ("kind", "skip")
+
+
+def sae_class(cfg: DictConfig) -> type:
+    """The class `sae:` builds: the architecture `_target_` names, or its transcoder (`sae.kind=transcoder`)."""
+    cls = _class(cfg, "sae._target_", "midisc.sae.topk.TopKSAE")
+    try:
+        return coder_class(cls, cfg.sae.get("kind", "sae"), cfg.sae.get("skip", False))
+    except ValueError as err:
+        raise ConfigError(f"sae.{err}") from None
 
 
 def _check_sae_keys(cfg: DictConfig) -> None:
     """Every `sae:` key is a setting of the class it names; Hydra would fail on one only after the model loads."""
     cls = _class(cfg, "sae._target_", "midisc.sae.topk.TopKSAE")
+    sae_class(cfg)  # kind and skip: refused here too, before the model loads
     settings = [p for p in inspect.signature(cls).parameters if p not in SAE_ARGUMENTS_FROM_THE_RUN]
+    settings += list(SAE_KIND_KEYS)
     for key in cfg.sae:
         if key == "_target_" or key in settings:
             continue

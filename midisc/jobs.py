@@ -13,10 +13,9 @@ from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from midisc.config import ConfigError, resolved
+from midisc.config import ConfigError, resolved, sae_class
 from midisc.data import corpus
 from midisc.store import Store, UnknownRunError, redact_url
 from midisc.store.journal import Journal
@@ -119,12 +118,13 @@ def resumed_config(cfg: DictConfig) -> tuple[DictConfig, Path]:
 
 def plan(cfg: DictConfig, hook: str, run_id: int | None, split: corpus.Split) -> str:
     """What the run is about to do, in the few lines that open its log."""
-    settings = "  ".join(f"{k}={v}" for k, v in cfg.sae.items() if k != "_target_")
+    settings = "  ".join(f"{k}={v}" for k, v in cfg.sae.items() if k not in ("_target_", "kind"))
     optimizer = "  ".join(f"{k}={v}" for k, v in cfg.optimizer.items() if not k.startswith("_"))
     data = cfg.data.source + " " + str(cfg.data.get("name") or cfg.data.get("path") or cfg.data.get("package"))
     head = f"run {run_id}" if run_id is not None else "run (storage=none)"
+    coder = sae_class(cfg).architecture + ("" if cfg.sae.get("kind", "sae") == "transcoder" else " SAE")
     return "\n".join([
-        f"{head}: {get_class(cfg.sae._target_).architecture} SAE ({settings}) on {hook} of {cfg.model.name}",
+        f"{head}: {coder} ({settings}) on {hook} of {cfg.model.name}",
         f"  data:       {data}: {len(split.train)} training and {len(split.heldout)} held-out texts "
         f"({split.duplicates} duplicate texts dropped before the split), contexts of {cfg.context_size} tokens",
         f"  training:   {cfg.epochs} epoch(s) in batches of {cfg.batch_size:,}; optimizer {optimizer}; seed {cfg.seed}",

@@ -25,7 +25,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.errors import InstantiationException
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 from midisc.analysis.features import frequency_bins
 from midisc.cli import user_errors
 from midisc.config import (DISTRIBUTED_STRATEGIES, ConfigError, check_config, check_fits_in_memory, harvest_part,
-                           world_size)
+                           sae_class, world_size)
 from midisc.data import corpus, lm
 from midisc.data.activations import ActivationCache, ActivationStream, ContextChunk, MemoryCache, keep_mask
 from midisc.data.cache import SharedCache, cache_bytes
@@ -62,12 +62,20 @@ def load_corpus(cfg: DictConfig) -> corpus.Split:
     return corpus.train_heldout(OmegaConf.to_container(cfg.data, resolve=True), cfg.seed, cfg.max_samples)
 
 
-def build_sae(cfg: DictConfig, d_in: int, device: str = "cpu") -> torch.nn.Module:
-    """The configured SAE. Its constructor is the one place its hyperparameters are checked (k within the
-    width, l1_coef >= 0…): a refusal becomes a ConfigError naming the key, e.g. `sae.k=0 is too small`."""
+def build_sae(cfg: DictConfig, d_in: int, device: str = "cpu", d_out: int | None = None) -> torch.nn.Module:
+    """The configured SAE (d_out: a transcoder's output width). Its constructor is the one place its
+    hyperparameters are checked (k within the width, l1_coef >= 0…): a refusal becomes a ConfigError naming the
+    key, e.g. `sae.k=0 is too small`."""
+    cls = sae_class(cfg)
+    settings = OmegaConf.to_container(cfg.sae, resolve=True)
+    settings.pop("kind", None)
+    skip = settings.pop("skip", False)
+    settings["_target_"] = f"{cls.__module__}.{cls.__qualname__}"
+    if cls.is_transcoder:
+        settings.update(d_out=d_out, skip=skip)
     try:
         with torch.device(device):
-            return instantiate(cfg.sae, d_in=d_in, seed=cfg.seed)
+            return instantiate(settings, d_in=d_in, seed=cfg.seed)
     except InstantiationException as err:  # Hydra wraps the constructor's ValueError
         cause = err.__cause__
         if isinstance(cause, ValueError):
@@ -119,7 +127,8 @@ def train(cfg: DictConfig, output_dir: Path, prepared: Prepared | None = None,
         hf_config = lm.load_config(source)
         hook = lm.resolve_hook(hf_config, layer=cfg.layer, site=m.site, hooks=dict(m.hooks), hook=m.hook)
         if m.hook is None:  # the standard sites all output hidden_size: the SAE's own checks can run now
-            sae = build_sae(cfg, d_in=hf_config.hidden_size, device="meta")  # meta: no memory, no weights
+            width = hf_config.hidden_size
+            sae = build_sae(cfg, d_in=width, device="meta", d_out=width)  # meta: no memory, no weights
             check_fits_in_memory(sae, OmegaConf.to_container(cfg.analysis))
         # (a raw hook's width is known once the model has run one context: _fit builds the SAE then)
     except BaseException:
@@ -127,6 +136,9 @@ def train(cfg: DictConfig, output_dir: Path, prepared: Prepared | None = None,
             remove_unused_run_folder(output_dir)
         raise
     L.seed_everything(cfg.seed, verbose=False)
+    if cfg.sae.get("kind") == "transcoder" and m.hook is None and m.site != "mlp":
+        log.warning(f"sae.kind=transcoder predicts the output of {hook} (site {m.site}) from its input; a transcoder "
+                    "usually stands in for an MLP: model.site=mlp")
 
     lock = RunLock(output_dir)
     if not lock.acquire():
@@ -148,7 +160,7 @@ def train(cfg: DictConfig, output_dir: Path, prepared: Prepared | None = None,
     elif store:
         sweep_id, overrides = sweep or sweep_of_job()
         run_id = store.start_run(model=m.name, hook=hook, layer=None if m.hook else cfg.layer,
-                                 architecture=get_class(cfg.sae._target_).architecture, config=recorded_config(cfg),
+                                 architecture=sae_class(cfg).architecture, config=recorded_config(cfg),
                                  output_dir=str(output_dir), sweep_id=sweep_id, overrides=overrides)
         store = Journal(store, output_dir / PENDING_FILENAME, run_id)
     try:  # from here on the run is recorded: whatever stops it (Ctrl-C in the plan's line too) marks it
@@ -242,11 +254,12 @@ def fit(cfg: DictConfig, output_dir: Path, store: Store | None, run_id: int | No
     else:
         tokens, train_ctx, heldout_ctx, source = prepared.tokens, prepared.train_ctx, prepared.heldout_ctx, prepared.source
         expected = len(prepared.cache)
-    sae = build_sae(cfg, d_in=source.width(heldout_ctx))  # before the harvest: a raw hook's checks run here
+    d_in, d_out = source.widths(heldout_ctx) if recipe.transcode else (source.width(heldout_ctx), None)
+    sae = build_sae(cfg, d_in=d_in, d_out=d_out)  # before the harvest: a raw hook's checks run here
     if cfg.model.hook is not None:  # a standard site's SAE was checked on the meta device, before the weights
         check_fits_in_memory(sae, OmegaConf.to_container(cfg.analysis))
-    need = cache_bytes(expected + heldout_ctx.numel(), source.model.config.hidden_size, recipe.dtype,
-                       tokens=heldout_ctx.numel())
+    width = sae.d_in + sae.d_out if recipe.transcode else sae.d_in  # a transcoder's vectors hold both
+    need = cache_bytes(expected + heldout_ctx.numel(), width, recipe.dtype, tokens=heldout_ctx.numel())
     world = world_size(cfg)
     with (make_cache(cfg, recipe.producer(), need, several=world > 1) if prepared is None
           else nullcontext(prepared.cache)) as cache:
@@ -273,6 +286,9 @@ def _train(cfg: DictConfig, output_dir: Path, store: Store | None, run_id: int |
     heldout = torch.cat([chunk.acts for chunk in heldout_chunks])
     if store:
         store.update_run(run_id, d_in=sae.d_in, d_sae=sae.d_sae)
+    if cfg.resample_every and sae.is_transcoder:
+        raise ConfigError(f"resample_every={cfg.resample_every} restarts dead features on inputs an SAE reconstructs; "
+                          "a transcoder's inputs and outputs differ: set resample_every=0 (AuxK revives them)")
     if cfg.resample_every and not hasattr(sae, "b_enc"):
         raise ConfigError(f"resample_every={cfg.resample_every} needs an SAE with an encoder bias b_enc (relu, topk, "
                           f"batchtopk, matryoshka, jumprelu); {type(sae).__name__} has none: set resample_every=0")

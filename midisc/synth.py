@@ -53,7 +53,7 @@ def build(arch: str, d: int, width: int, k: int, seed: int) -> tuple[torch.nn.Mo
     """The architecture's SAE with its conf/sae defaults (k set to the true mean active), and the optimizer's."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"sae={arch}"])
-    settings = {key: value for key, value in cfg.sae.items() if key != "expansion"}
+    settings = {key: value for key, value in cfg.sae.items() if key not in ("expansion", "kind", "skip")}
     if "k" in settings:
         settings["k"] = k
     sae = instantiate(settings, d_in=d, expansion=width // d, seed=seed)

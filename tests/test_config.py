@@ -33,8 +33,26 @@ def test_every_option_of_every_group_composes(group):
 @pytest.mark.parametrize("option", options("sae"))
 def test_every_sae_instantiates(option):
     cfg = compose_config([f"sae={option}"])
-    sae = instantiate(cfg.sae, d_in=16, seed=0)
-    assert sae.W_dec.shape == (cfg.sae.expansion * 16, 16)
+    sae = build_sae(cfg, d_in=16)
+    assert sae.W_dec.shape == (cfg.sae.expansion * 16, 16) and not sae.is_transcoder
+
+
+@pytest.mark.parametrize("option", ["relu", "jumprelu", "batchtopk", "matryoshka"])
+def test_every_sae_with_a_saelens_transcoder_builds_one(option):
+    cfg = compose_config([f"sae={option}", "sae.kind=transcoder", "sae.skip=true"])
+    check_config(cfg)
+    sae = build_sae(cfg, d_in=16, d_out=12)
+    assert sae.is_transcoder and sae.W_dec.shape == (cfg.sae.expansion * 16, 12) and sae.W_skip.shape == (12, 16)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["sae=topk", "sae.kind=transcoder"], r"^sae.kind=transcoder is not offered for TopKSAE: SAELens has no "),
+    (["sae=relu", "sae.kind=crosscoder"], r"^sae.kind='crosscoder' is not a kind of coder; valid: sae, transcoder$"),
+    (["sae=relu", "sae.skip=true"], r"^sae.skip=True is a transcoder's linear path"),
+])
+def test_a_transcoder_that_cannot_be_is_refused_before_the_model_loads(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        check_config(compose_config(overrides))
 
 
 @pytest.mark.parametrize("option", options("optimizer"))

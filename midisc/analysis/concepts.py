@@ -74,8 +74,9 @@ def corpus_sample(documents: Sequence[str], n: int, seed: int = 0) -> list[str]:
 @torch.no_grad()
 def text_maxima(sae: SparseAutoencoder, model, module, tokenizer, texts: Sequence[str], *, prefix: int,
                 special: Sequence[int], context_size: int, outlier_factor: float | None,
-                batch_size: int = 16) -> torch.Tensor:
-    """[len(texts), d_sae]: each feature's max activation over each text's tokens (0 where it never fires)."""
+                batch_size: int = 16, transcode: bool = False) -> torch.Tensor:
+    """[len(texts), d_sae]: each feature's max activation over each text's tokens (0 where it never fires).
+    `transcode`: the SAE is a transcoder, reading the module's input (see `lm.capture_many`)."""
     ids = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
     maxima = torch.zeros(len(texts), sae.d_sae)
     pad = special[0]
@@ -84,7 +85,7 @@ def text_maxima(sae: SparseAutoencoder, model, module, tokenizer, texts: Sequenc
         width = max(map(len, rows))
         tokens = torch.tensor([row + [pad] * (width - len(row)) for row in rows])
         attention = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
-        acts = capture(model, module, tokens, attention)
+        acts = capture(model, module, tokens, attention, transcode=transcode)
         keep = keep_mask(tokens, special) & attention.bool()
         keep = drop_outliers(acts, keep.to(acts.device), outlier_factor).cpu()
         codes = sae.encode(acts[keep.to(acts.device)].to(sae.W_dec.device, torch.float32)).cpu()

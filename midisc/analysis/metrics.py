@@ -71,6 +71,11 @@ class ReconstructionTotals:
                 "l0": self.active / self.n}
 
 
+def target_of(sae, x: torch.Tensor) -> torch.Tensor:
+    """What the SAE's x_hat reconstructs of the vectors x: x itself, or a transcoder's output half."""
+    return sae.target(x) if getattr(sae, "is_transcoder", False) else x
+
+
 @torch.no_grad()
 def reconstruction_metrics(sae: SparseAutoencoder, batches: Iterable[torch.Tensor]) -> dict[str, float]:
     """MSE, FVU and L0 of `sae` over all batches (e.g. the held-out activations)."""
@@ -79,5 +84,5 @@ def reconstruction_metrics(sae: SparseAutoencoder, batches: Iterable[torch.Tenso
     for x in batches:
         x = x.to(device, torch.float32)
         out = sae(x)
-        totals.update(x, out.x_hat, out.codes)
+        totals.update(target_of(sae, x), out.x_hat, out.codes)
     return totals.compute()

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 import torch
 
-from midisc.analysis.metrics import METRICS_VERSION
+from midisc.analysis.metrics import METRICS_VERSION, target_of
 
 EVAL_TYPE = "core"
 DENSE_FREQUENCY = 0.1  # a feature firing on more than 10 % of tokens counts as dense
@@ -31,6 +31,7 @@ def reconstruction(sae, batches: Iterable[torch.Tensor]) -> dict[str, float]:
     for x in batches:
         x = x.to(device, torch.float32)
         out = sae(x)
+        x = target_of(sae, x)
         x64, x_hat = x.double(), out.x_hat.double()
         n += len(x)
         err2 += (x_hat - x64).pow(2).sum().item()

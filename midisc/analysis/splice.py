@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from midisc.data.activations import drop_outliers, keep_mask
-from midisc.data.lm import input_device
+from midisc.data.lm import input_device, module_input
 
 
 @dataclass
@@ -44,14 +44,16 @@ class SpliceTotals:
 
 
 @contextmanager
-def replaced_output(module: nn.Module, replace: Callable[[torch.Tensor], torch.Tensor]):
-    """Within the block, `module`'s output hidden states [B, T, d] go through `replace` first."""
-    def hook(_mod, _args, output):
-        if isinstance(output, tuple):
-            return (replace(output[0]), *output[1:])
-        return replace(output)
+def replaced_output(module: nn.Module, replace: Callable[[torch.Tensor], torch.Tensor], *, transcode: bool = False):
+    """Within the block, `module`'s output hidden states [B, T, d] become `replace(acts)`: acts are the output
+    itself, or with `transcode` the module's input and output side by side, as a transcoder was trained on them."""
+    def hook(_mod, args, kwargs, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        acts = torch.cat((module_input(args, kwargs).to(hidden.dtype), hidden), dim=-1) if transcode else hidden
+        new = replace(acts)
+        return (new, *output[1:]) if isinstance(output, tuple) else new
 
-    handle = module.register_forward_hook(hook)
+    handle = module.register_forward_hook(hook, with_kwargs=True)
     try:
         yield
     finally:
@@ -69,11 +71,18 @@ def _next_token_terms(logits: torch.Tensor, clean_logp: torch.Tensor, ids: torch
 @torch.no_grad()
 def splice_totals(model: nn.Module, module: nn.Module, sae: nn.Module, contexts: Iterable[torch.Tensor], *,
                   special_ids: Iterable[int], outlier_factor: float | None, progress: str | None = None) -> SpliceTotals:
-    """Clean, SAE-spliced and zero-ablated next-token loss over batches of contexts, each [b, T]."""
+    """Clean, SAE-spliced and zero-ablated next-token loss over batches of contexts, each [b, T]. A transcoder's
+    prediction from the module's input replaces the module's output (CE loss recovered of the MLP it stands for),
+    and the ablation zeroes that output."""
     totals = SpliceTotals()
     special = sorted(set(special_ids))
     device = input_device(model)
     sae_device = sae.W_dec.device
+    transcode = getattr(sae, "is_transcoder", False)
+
+    def output_of(acts: torch.Tensor) -> torch.Tensor:  # the module's output, of the vectors harvested
+        return acts[..., sae.d_in:] if transcode else acts
+
     batches = list(contexts)
     for ids in tqdm(batches, desc=progress, unit="batch", disable=True if progress is None else None, leave=False):
         ids = ids.to(device)
@@ -81,14 +90,14 @@ def splice_totals(model: nn.Module, module: nn.Module, sae: nn.Module, contexts:
 
         def spliced(acts: torch.Tensor) -> torch.Tensor:
             mask = drop_outliers(acts, keep.to(acts.device), outlier_factor)
-            out = acts.clone()
+            out = output_of(acts).clone()
             x_hat = sae(acts[mask].to(sae_device, torch.float32)).x_hat
             out[mask] = x_hat.to(acts.device, acts.dtype)
             return out
 
         def zeroed(acts: torch.Tensor) -> torch.Tensor:
             mask = drop_outliers(acts, keep.to(acts.device), outlier_factor)
-            out = acts.clone()
+            out = output_of(acts).clone()
             out[mask] = 0
             return out
 
@@ -97,7 +106,7 @@ def splice_totals(model: nn.Module, module: nn.Module, sae: nn.Module, contexts:
         ce, _ = _next_token_terms(clean, clean_logp, ids)
         totals.ce["clean"] += ce
         for name, replace in (("sae", spliced), ("zero", zeroed)):
-            with replaced_output(module, replace):
+            with replaced_output(module, replace, transcode=transcode):
                 logits = model(input_ids=ids, use_cache=False).logits
             ce, kl = _next_token_terms(logits, clean_logp, ids)
             totals.ce[name] += ce

@@ -62,18 +62,19 @@ def harvest_contexts(model, module, contexts: torch.Tensor, **options) -> Iterat
 
 
 def harvest_many(model, modules, contexts: torch.Tensor, *, special_ids: Iterable[int], batch_contexts: int = 32,
-                 outlier_factor: float | None = 4.0, store_dtype: str = "float32",
+                 outlier_factor: float | None = 4.0, store_dtype: str = "float32", transcode: bool = False,
                  progress: str | None = None) -> Iterator[list[ContextChunk]]:
     """One forward per batch of contexts up to the deepest of `modules`; yield each module's chunk of the batch,
     filtered as `harvest_contexts` filters it alone (norm outliers are judged per module), so the chunks are
-    the ones separate harvests would give."""
+    the ones separate harvests would give. With `transcode`, each vector is a module's input and output side by
+    side (`lm.capture_many`), and an outlier is judged by the norm of the two together."""
     special = sorted(set(special_ids))
     starts = range(0, len(contexts), batch_contexts)
     for start in tqdm(starts, desc=progress, unit="batch", disable=True if progress is None else None, leave=False):
         tokens = contexts[start:start + batch_contexts]
         chunks = []
         with torch.inference_mode():
-            outputs = capture_many(model, modules, tokens)
+            outputs = capture_many(model, modules, tokens, transcode=transcode)
         for acts in outputs:
             with torch.inference_mode():
                 keep = drop_outliers(acts, keep_mask(tokens, special).to(acts.device), outlier_factor)

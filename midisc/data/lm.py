@@ -254,25 +254,39 @@ class _StopForward(Exception):
 
 
 def capture(model: nn.Module, module: nn.Module, input_ids: torch.Tensor,
-            attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+            attention_mask: torch.Tensor | None = None, *, transcode: bool = False) -> torch.Tensor:
     """The hooked module's output for `input_ids` [B, T] -> [B, T, d], running no block after it."""
-    return capture_many(model, [module], input_ids, attention_mask)[0]
+    return capture_many(model, [module], input_ids, attention_mask, transcode=transcode)[0]
+
+
+def module_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a module was called with: its first positional argument (an MLP's, a decoder layer's),
+    or `hidden_states` where transformers passes it by name."""
+    found = args[0] if args else kwargs.get("hidden_states")
+    if not isinstance(found, torch.Tensor):
+        raise ModelError("the hooked module was not called with its hidden states first, so its input cannot be read "
+                         "(sae.kind=transcoder reads the input of model.site's module: pick an MLP, model.site=mlp)")
+    return found
 
 
 def capture_many(model: nn.Module, modules: Sequence[nn.Module], input_ids: torch.Tensor,
-                 attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+                 attention_mask: torch.Tensor | None = None, *, transcode: bool = False) -> list[torch.Tensor]:
     """Each hooked module's output for `input_ids` [B, T] -> [B, T, d], from one forward that stops once the
-    last of them (the deepest) has run: four layers cost one forward to the deepest, not four."""
+    last of them (the deepest) has run: four layers cost one forward to the deepest, not four. With `transcode`,
+    each module's input and output side by side, [B, T, d_in + d_out]: what a transcoder reads and reconstructs."""
     captured: dict[int, torch.Tensor] = {}
 
     def hook_of(index: int):
-        def hook(_mod, _args, output):
-            captured.setdefault(index, output[0] if isinstance(output, tuple) else output)
+        def hook(_mod, args, kwargs, output):
+            output = output[0] if isinstance(output, tuple) else output
+            if transcode:
+                output = torch.cat((module_input(args, kwargs).to(output.dtype), output), dim=-1)
+            captured.setdefault(index, output)
             if len(captured) == len(modules):
                 raise _StopForward
         return hook
 
-    handles = [module.register_forward_hook(hook_of(i)) for i, module in enumerate(modules)]
+    handles = [module.register_forward_hook(hook_of(i), with_kwargs=True) for i, module in enumerate(modules)]
     device = input_device(model)
     try:
         model(input_ids=input_ids.to(device),

@@ -42,6 +42,7 @@ class Recipe:
     seed: int
     max_samples: int | None
     max_vectors: int | None         # training vectors harvested at most
+    transcode: bool = False         # each vector is the hooked module's input and output side by side (transcoders)
 
     @classmethod
     def of(cls, config: Mapping[str, Any], hook: str) -> Recipe:
@@ -53,7 +54,8 @@ class Recipe:
                    context_size=config["context_size"], max_doc_tokens=config.get("max_doc_tokens"),
                    outlier_factor=acts["outlier_factor"], lm_batch_size=acts["lm_batch_size"],
                    dtype=acts.get("dtype", "float32"), data=dict(config["data"]), seed=config["seed"],
-                   max_samples=config.get("max_samples"), max_vectors=config.get("max_vectors"))
+                   max_samples=config.get("max_samples"), max_vectors=config.get("max_vectors"),
+                   transcode=(config.get("sae") or {}).get("kind") == "transcoder")
 
     def producer(self) -> dict:
         """What decides the activations: runs that agree on it share one disk cache (the SAE settings don't)."""
@@ -61,7 +63,8 @@ class Recipe:
                     max_samples=self.max_samples, max_vectors=self.max_vectors, max_doc_tokens=self.max_doc_tokens,
                     seed=self.seed, context_size=self.context_size, separator=self.separator, bos=self.prepend_bos,
                     outlier_factor=self.outlier_factor, dtype=self.dtype, model_dtype=self.model_dtype,
-                    lm_batch_size=self.lm_batch_size)
+                    lm_batch_size=self.lm_batch_size) | ({"transcode": True} if self.transcode else {})
+        # (an SAE's key stays as it was before transcoders, so the caches harvested then are still found)
 
     def texts(self) -> tuple[list[str], list[str]]:
         """(training texts, held-out texts), split as the run split them."""
@@ -123,7 +126,7 @@ class Source:
     def harvest_options(self) -> dict:
         r = self.recipe
         return dict(special_ids=self.tokens.special, batch_contexts=r.lm_batch_size, outlier_factor=r.outlier_factor,
-                    store_dtype=r.dtype)
+                    store_dtype=r.dtype, transcode=r.transcode)
 
     def heldout_contexts(self) -> torch.Tensor:
         """The run's held-out texts packed into contexts, as training packed them."""
@@ -140,8 +143,18 @@ class Source:
 
     def width(self, contexts: torch.Tensor) -> int:
         """The hooked module's output width, from one forward of the first context (cut short at the hook)."""
+        return self.widths(contexts)[1]
+
+    def widths(self, contexts: torch.Tensor) -> tuple[int, int]:
+        """(input width, output width) of the hooked module, from one forward of the first context."""
         with torch.inference_mode():
-            return int(lm.capture(self.loaded.model, self.module, contexts[:1]).shape[-1])
+            both = lm.capture(self.loaded.model, self.module, contexts[:1], transcode=True)
+            out = lm.capture(self.loaded.model, self.module, contexts[:1])
+        return int(both.shape[-1] - out.shape[-1]), int(out.shape[-1])
+
+    def capture(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The vectors of `input_ids` [B, T] as the recipe harvests them, before filtering: [B, T, d]."""
+        return lm.capture(self.loaded.model, self.module, input_ids, transcode=self.recipe.transcode)
 
     def unembedding(self) -> torch.Tensor:
         return lm.unembedding(self.loaded.model)

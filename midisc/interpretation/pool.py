@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-from midisc.data import lm
 from midisc.data.recipe import Source
 from midisc.sae import SparseAutoencoder
 
@@ -41,7 +40,7 @@ def build(sae: SparseAutoencoder, source: Source, features: list[int], n_context
     windows, origin, peaks = [], [], []
     for first in range(0, len(contexts), batch):
         ids = contexts[first:first + batch]
-        acts = lm.capture(source.model, source.module, ids)  # [b, T, d]
+        acts = source.capture(ids)  # [b, T, d]
         codes = sae.encode(acts.to(sae.W_dec.device, torch.float32))[..., wanted.to(sae.W_dec.device)].cpu()
         codes[torch.isin(ids, special)] = 0.0
         codes[:, 0] = 0.0

@@ -56,9 +56,13 @@ def files_present(t: Target) -> str:
 def shapes(t: Target) -> str:
     cfg, w = t.cfg, t.weights
     d_in, d_sae = cfg.get("d_in"), cfg.get("d_sae")
-    expected = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,)}
-    if cfg.get("architecture") == "jumprelu":  # JumpReLU, and BatchTopK saved as one: a threshold per feature
+    d_out = cfg.get("d_out", d_in)  # a transcoder's decoder writes another activation, of its own width
+    arch = str(cfg.get("architecture"))
+    expected = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_out), "b_enc": (d_sae,), "b_dec": (d_out,)}
+    if arch.startswith("jumprelu"):  # JumpReLU, and BatchTopK saved as one: a threshold per feature
         expected["threshold"] = (d_sae,)
+    if "skip_transcoder" in arch:  # a learnt linear path from input to output
+        expected["W_skip"] = (d_out, d_in)
     if cfg.get("architecture") == "gated":  # no b_enc: a gate bias and a magnitude path sharing W_enc
         del expected["b_enc"]
         expected.update(b_gate=(d_sae,), r_mag=(d_sae,), b_mag=(d_sae,))
@@ -66,20 +70,21 @@ def shapes(t: Target) -> str:
         raise Failure(f"weights hold {sorted(w)}, expected {sorted(expected)}")
     for name, shape in expected.items():
         if tuple(w[name].shape) != shape:
-            raise Failure(f"{name} has shape {tuple(w[name].shape)} but cfg.json (d_in={d_in}, d_sae={d_sae}) "
+            raise Failure(f"{name} has shape {tuple(w[name].shape)} but cfg.json (d_in={d_in}, d_sae={d_sae}, "
+                          f"d_out={d_out}) "
                           f"needs {shape}")
     if tuple(t.sparsity.shape) != (d_sae,):
         raise Failure(f"sparsity has shape {tuple(t.sparsity.shape)}, expected ({d_sae},)")
     if "k" in cfg and not 1 <= cfg["k"] <= d_sae:
         raise Failure(f"k={cfg['k']} in cfg.json is outside 1..{d_sae}")
     if t.package_dir is not None:
-        if tuple(t.decoder_npy.shape) != (d_sae, d_in):
-            raise Failure(f"{DECODER_FILENAME} has shape {tuple(t.decoder_npy.shape)}, expected ({d_sae}, {d_in})")
+        if tuple(t.decoder_npy.shape) != (d_sae, d_out):
+            raise Failure(f"{DECODER_FILENAME} has shape {tuple(t.decoder_npy.shape)}, expected ({d_sae}, {d_out})")
         for name, shape in expected.items():
             got = tuple(t.model_pt[name].shape) if name in t.model_pt else None
             if got != shape:
                 raise Failure(f"{MODEL_FILENAME} {name} has shape {got}, expected {shape}")
-    return f"d_in {d_in}, d_sae {d_sae}"
+    return f"d_in {d_in}, d_sae {d_sae}" + (f", d_out {d_out}" if d_out != d_in else "")
 
 
 def finite(t: Target) -> str:
@@ -179,7 +184,8 @@ def saelens_loads(t: Target) -> str:
     except Exception as err:  # whatever SAELens raises, the reason is what matters
         raise Failure(f"SAELens cannot load the folder: {err}") from None
     with torch.no_grad():
-        diff = float((sae(probe["x"]) - probe["x_hat"]).abs().max())
+        # A transcoder takes its input alone; the probe keeps input and output side by side.
+        diff = float((sae(probe["x"][..., :sae.cfg.d_in]) - probe["x_hat"]).abs().max())
     if not diff <= RELOAD_TOLERANCE * max(1.0, float(probe["x_hat"].abs().max())):
         raise Failure(f"SAELens outputs differ from midisc's by up to {diff:.3g}")
     return f"SAE.load_from_disk reproduces midisc's outputs (max diff {diff:.1e})"

@@ -135,9 +135,9 @@ def package_dir(output_dir: Path, pub: Publication) -> Path:
 def add_profiles(pub: Publication, batches: Sequence[torch.Tensor], unembed: torch.Tensor | None,
                  decode: Callable[[Sequence[int]], list[str]], *, n_tokens: int = 10) -> Publication:
     """Fill in what the dashboards show beyond statistics: activation histograms (over `batches`, raw
-    activations [n, d_in]), output tokens through `unembed` [vocab, d_in] and similar features."""
+    activations [n, d_in]), output tokens through `unembed` [vocab, d_out] and similar features."""
     pub.activation_histograms = profiles.activation_histograms(pub.sae, batches)
-    if unembed is not None and unembed.shape[1] == pub.sae.d_in:  # else the hook is not residual-width
+    if unembed is not None and unembed.shape[1] == pub.sae.d_out:  # else the decoder does not write residual width
         pub.outputs = profiles.output_effects(pub.sae.W_dec.detach(), unembed, n=n_tokens)
         pub.output_tokens = (profiles.token_lists(pub.outputs.top_ids, decode),
                              profiles.token_lists(pub.outputs.bottom_ids, decode))

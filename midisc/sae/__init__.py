@@ -2,7 +2,8 @@
 
 `base` holds what every architecture shares (parameters, decoder, init, save); `relu`, `topk`,
 `jumprelu` (JumpReLU and BatchTopK), `matryoshka` (BatchTopK with nested prefixes) and `gated` each add
-a nonlinearity and a loss; `sparse_ops` holds the sparse kernels TopK and BatchTopK train with; `io`
+a nonlinearity and a loss; `transcoder` gives four of them a transcoder's form (one activation in, another
+out, `sae.kind=transcoder`); `sparse_ops` holds the sparse kernels TopK and BatchTopK train with; `io`
 loads any saved folder. A config picks an architecture with `_target_: midisc.sae.topk.TopKSAE`. The
 names below are also importable from `midisc.sae` itself, which is how runs recorded before this
 package (`_target_: midisc.sae.TopKSAE`) still resume.

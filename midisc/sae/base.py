@@ -46,6 +46,7 @@ class SparseAutoencoder(nn.Module):
     """Shared parameters, decoder, init and persistence; subclasses choose the nonlinearity and loss."""
 
     architecture: ClassVar[str]  # the SAELens "architecture" string written to cfg.json
+    is_transcoder: ClassVar[bool] = False  # transcoder.py: reads one activation, reconstructs another
 
     def __init__(
         self, d_in: int, expansion: int = 8, *, d_sae: int | None = None, seed: int | None = None
@@ -54,6 +55,7 @@ class SparseAutoencoder(nn.Module):
         self.d_in = integer("d_in", d_in, 1)
         self.expansion = integer("expansion", expansion, 1)
         self.d_sae = expansion * d_in if d_sae is None else integer("d_sae", d_sae, 1)
+        self.d_out = d_in  # the reconstruction's width; a transcoder's may differ
 
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         # Unit-norm random decoder rows with the encoder as their transpose: the tied start that
@@ -79,6 +81,24 @@ class SparseAutoencoder(nn.Module):
             )
         return x.to(self.W_enc.dtype)
 
+    def target(self, x: Tensor) -> Tensor:
+        """What the reconstruction of x should equal: x itself (a transcoder's is the other activation)."""
+        return x
+
+    def encoder_shift(self) -> Tensor:
+        """The encoder's bias on raw inputs, b_enc - b_dec @ W_enc: the training passes add it to x @ W_enc, so
+        no gradient with respect to the whole input batch is formed."""
+        return self.b_enc - self.b_dec @ self.W_enc
+
+    def output_bias(self, x: Tensor) -> Tensor:
+        """What the reconstruction adds to codes @ W_dec for inputs x [.., d_in]: b_dec (a skip transcoder adds
+        its linear path of x too)."""
+        return self.b_dec
+
+    def reconstruct(self, x: Tensor, codes: Tensor) -> Tensor:
+        """The reconstruction [.., d_out] of x from its codes."""
+        return self.decode(codes)
+
     def encode(self, x: Tensor) -> Tensor:
         """Dense codes [.., d_sae], all >= 0."""
         raise NotImplementedError(f"{type(self).__name__} must define encode()")
@@ -97,8 +117,8 @@ class SparseAutoencoder(nn.Module):
         dead (features that have not fired lately, for AuxK; the others ignore it): a [d_sae] bool mask, or
         `DeadFeatures`, the mask with a bound on its count that spares a GPU a host sync."""
         codes = self.encode(x)
-        x_hat = self.decode(codes)
-        mse = (x_hat - x.to(x_hat.dtype)).pow(2).mean()
+        x_hat = self.reconstruct(x, codes)
+        mse = (x_hat - self.target(x).to(x_hat.dtype)).pow(2).mean()
         # Weighting each code by its decoder norm makes the penalty blind to the trivial trade of a
         # small code against a long decoder row (Anthropic, April 2024 update).
         l1 = (codes * self.W_dec.norm(dim=1)).sum(dim=-1).mean()
@@ -154,6 +174,10 @@ class SparseAutoencoder(nn.Module):
         """Plain values that define this SAE, for run records."""
         return {"architecture": self.architecture, "d_in": self.d_in, "d_sae": self.d_sae,
                 "expansion": self.expansion}
+
+    def flat(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(inputs [N, d_in], targets [N, d_out]) of x [.., *], flattened over the batch dimensions."""
+        return self.checked(x).reshape(-1, self.d_in), self.target(x).to(self.W_enc.dtype).reshape(-1, self.d_out)
 
     def cfg_dict(self, metadata: dict | None = None) -> dict[str, Any]:
         """The SAELens v6 cfg.json contents for this SAE."""

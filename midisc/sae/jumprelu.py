@@ -79,8 +79,8 @@ def _log_exactly(threshold: Tensor, steps: int = 4) -> Tensor:
 
 
 def _output(sae: SparseAutoencoder, x: Tensor, codes: Tensor, penalty: Tensor | None = None) -> Output:
-    x_hat = sae.decode(codes)
-    mse = (x_hat - x.to(x_hat.dtype)).pow(2).mean()
+    x_hat = sae.reconstruct(x, codes)
+    mse = (x_hat - sae.target(x).to(x_hat.dtype)).pow(2).mean()
     # The same decoder-norm-weighted L1 every architecture reports (see SparseAutoencoder.forward).
     with torch.no_grad():
         l1 = (codes * sae.W_dec.norm(dim=1)).sum(dim=-1).mean()
@@ -202,16 +202,16 @@ class BatchTopKSAE(SparseAutoencoder):
         entries only, as TopKSAE's pass is (see sparse_ops). Selecting on raw pre-activations and then taking the
         ReLU keeps the same entries wherever k·B of them are positive; where fewer are, the extra ones are 0
         either way and carry no gradient."""
-        flat = self.checked(x).reshape(-1, self.d_in)
-        shift = self.b_enc - self.b_dec @ self.W_enc
+        flat, target = self.flat(x)
+        shift = self.encoder_shift()
         n = min(self.k * len(flat), len(flat) * self.d_sae)
         values, tokens, features = BatchTopKEncoder.apply(flat, self.W_enc, shift, n)
         values = torch.relu(values)
         offsets = sparse_ops.offsets_of(tokens, len(flat))
-        x_hat = sparse_ops.decode(features, values, self.W_dec, offsets) + self.b_dec
-        mse = (x_hat - flat).pow(2).mean()
-        recon = self._reconstruction_loss(flat, features, values, offsets, mse)
-        aux = sparse_ops.sparse_auxk(flat, self.W_enc, shift, self.W_dec, dead, self.aux_k, flat - x_hat) \
+        x_hat = sparse_ops.decode(features, values, self.W_dec, offsets) + self.output_bias(flat)
+        mse = (x_hat - target).pow(2).mean()
+        recon = self._reconstruction_loss(flat, target, features, values, offsets, mse)
+        aux = sparse_ops.sparse_auxk(flat, self.W_enc, shift, self.W_dec, dead, self.aux_k, target - x_hat) \
             if self.aux_k_coef else None
         with torch.no_grad():
             codes = flat.new_zeros(len(flat), self.d_sae).index_put_((tokens, features), values)
@@ -219,13 +219,13 @@ class BatchTopKSAE(SparseAutoencoder):
             l1 = (values * self.W_dec.norm(dim=1)[features]).sum() / len(flat)
         loss = recon if aux is None else recon + self.aux_k_coef * aux
         shape = x.shape[:-1]
-        return Output(x_hat=x_hat.reshape(*shape, self.d_in), codes=codes.reshape(*shape, self.d_sae), loss=loss,
+        return Output(x_hat=x_hat.reshape(*shape, self.d_out), codes=codes.reshape(*shape, self.d_sae), loss=loss,
                       mse=mse, l1=l1, aux=aux)
 
-    def _reconstruction_loss(self, flat: Tensor, features: Tensor, values: Tensor, offsets: Tensor,
+    def _reconstruction_loss(self, flat: Tensor, target: Tensor, features: Tensor, values: Tensor, offsets: Tensor,
                              mse: Tensor) -> Tensor:
         """The reconstruction term of the training loss, from the selected entries (features, values) of the
-        flat batch: the whole dictionary's MSE. Matryoshka asks the same of each of its nested prefixes."""
+        flat batch (inputs, and the targets they reconstruct): the whole dictionary's MSE. Matryoshka asks the same of each of its nested prefixes."""
         return mse
 
     @torch.no_grad()

@@ -77,14 +77,15 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
                          d_sae=d_sae, seed=seed)
         self.group_fractions, self.widths = prefix_widths(group_fractions, self.d_sae)
 
-    def _reconstruction_loss(self, flat: Tensor, features: Tensor, values: Tensor, offsets: Tensor,
+    def _reconstruction_loss(self, flat: Tensor, target: Tensor, features: Tensor, values: Tensor, offsets: Tensor,
                              mse: Tensor) -> Tensor:
         """The mean over the nested prefixes of each one's MSE (the last prefix is the whole dictionary: `mse`).
         A prefix decodes only the selected entries of its features: masking the others' values to 0 gives their
         decoder rows and codes no gradient from it."""
-        inner = [sparse_ops.decode(features, values * (features < width), self.W_dec, offsets) + self.b_dec
+        bias = self.output_bias(flat)
+        inner = [sparse_ops.decode(features, values * (features < width), self.W_dec, offsets) + bias
                  for width in self.widths[:-1]]
-        return torch.stack([(prefix - flat).pow(2).mean() for prefix in inner] + [mse]).mean()
+        return torch.stack([(prefix - target).pow(2).mean() for prefix in inner] + [mse]).mean()
 
     def prefix_reconstruction(self, codes: Tensor, width: int) -> Tensor:
         """x_hat [.., d_in] from the first `width` features of codes [.., d_sae] alone, b_dec included."""

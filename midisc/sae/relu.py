@@ -32,7 +32,7 @@ class ReluSAE(SparseAutoencoder):
         if torch.is_grad_enabled() and self.W_enc.requires_grad:
             # Training: b_dec enters as b_dec @ W_enc, so its gradient is a vector product instead of the
             # [B, d_sae] x [d_sae, d_in] product back to the input batch (one of the step's six big products).
-            return torch.relu(self.checked(x) @ self.W_enc + (self.b_enc - self.b_dec @ self.W_enc))
+            return torch.relu(self.checked(x) @ self.W_enc + self.encoder_shift())
         return torch.relu(self.pre_acts(x))  # inference: SAELens's sums, bit for bit
 
     def objective(self, mse: Tensor, l1: Tensor, sparsity_scale: float = 1.0) -> Tensor:

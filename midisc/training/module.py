@@ -7,7 +7,7 @@ it at zero instead of the data mean costs ~0.14 FVU and many dead features on Sm
 What changes over a run lives here too: the learning rate's warm-up and linear decay, the warm-up of an
 L1/L0 coefficient, resampling of dead features, and the optional input scaling (x · s with s chosen on the
 first batch so that E‖x s‖² = d_in, as SAELens's `expected_average_only_in`), which makes a learning rate
-or an L1 coefficient mean the same on any model and layer. `fold_input_scale` (called once `fit` returns) folds s into the weights
+or an L1 coefficient mean the same on any model and layer (a transcoder's input and output get a scale each). `fold_input_scale` (called once `fit` returns) folds s into the weights
 before anything outside training sees the SAE, so every saved or analysed SAE takes raw activations.
 """
 
@@ -49,12 +49,14 @@ class SAEModule(L.LightningModule):
     def __init__(self, sae: SparseAutoencoder, optimizer: Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer],
                  *, b_dec_init: str = "geometric_median", dead_window: int = 262_144,
                  unit_norm_decoder: bool = True, lr_warmup_steps: int = 0, lr_decay_frac: float = 0.0,
-                 sparsity_warmup_steps: int = 0, normalize_input: bool = False, resample_every: int = 0) -> None:
+                 sparsity_warmup_steps: int = 0, normalize_input: bool = False, resample_every: int = 0,
+                 auxk_window: int | None = None) -> None:
         super().__init__()
         self.sae = sae
         self.make_optimizer = optimizer
         self.b_dec_init = b_dec_init
         self.dead_window = dead_window
+        self.auxk_window = auxk_window  # tokens without firing before AuxK trains a feature (None: dead_window)
         self.unit_norm_decoder = unit_norm_decoder
         self.lr_warmup_steps, self.lr_decay_frac = lr_warmup_steps, lr_decay_frac
         self.sparsity_warmup_steps = sparsity_warmup_steps
@@ -63,6 +65,8 @@ class SAEModule(L.LightningModule):
         # Buffers, so they follow the module to its device and into checkpoints.
         self.register_buffer("b_dec_ready", torch.tensor(False))
         self.register_buffer("input_scale", torch.tensor(1.0))  # s: the SAE sees x * s until fold_input_scale
+        if sae.is_transcoder:  # its input and output are scaled apart: an MLP's input and output norms differ widely
+            self.register_buffer("output_scale", torch.tensor(1.0))
         self.register_buffer("tokens_since_fired", torch.zeros(sae.W_dec.shape[0], dtype=torch.long))
         self._val = metrics.ReconstructionTotals()
         # What the host reads of the device, it reads once per process or on logging steps only: every read
@@ -75,24 +79,30 @@ class SAEModule(L.LightningModule):
         x = batch.float()
         if not self._b_dec_ready_seen and not bool(self.b_dec_ready):  # a resumed run reads True once
             if self.normalize_input:
-                self.input_scale.fill_((x.shape[1] / x.pow(2).sum(1).mean().clamp_min(1e-12)).sqrt())
-            self.sae.init_b_dec(x * self.input_scale, self.b_dec_init)
+                d_in = self.sae.d_in
+                parts = (x[:, :d_in], x[:, d_in:]) if self.sae.is_transcoder else (x,)
+                for scale, part in zip(self._scales(), parts):
+                    scale.fill_((part.shape[1] / part.pow(2).sum(1).mean().clamp_min(1e-12)).sqrt())
+            self.sae.init_b_dec(self.scaled(x), self.b_dec_init)
             self.b_dec_ready.fill_(True)
             if self._world() > 1:  # each rank started from its own first batch: all take rank 0's start
-                for tensor in (self.input_scale, *self.sae.parameters()):
+                for tensor in (*self._scales(), *self.sae.parameters()):
                     torch.distributed.broadcast(tensor.data, src=0)
         self._b_dec_ready_seen = True
-        s = self.input_scale
-        x = x * s
+        s = self._scales()[-1]  # the reconstruction's scale: the input's, or a transcoder's output's
+        x = self.scaled(x)
         dead_mask = self.tokens_since_fired >= self.dead_window
         logging = self.logging_step()
         if self.resample_every and self.global_step and self.global_step % self.resample_every == 0:
             self.resample(x, dead_mask)
             self._dead_at_most = None
+        # AuxK may take features sooner than they count as dead: in a short run a feature dead for a whole
+        # dead_window has few steps left to come back in.
+        aux_mask = dead_mask if self.auxk_window is None else self.tokens_since_fired >= self.auxk_window
         if logging or self._dead_at_most is None:
-            self._dead_at_most = dead_bound(int(dead_mask.sum()), len(dead_mask))
+            self._dead_at_most = dead_bound(int(aux_mask.sum()), len(aux_mask))
         warm = min(1.0, (self.global_step + 1) / self.sparsity_warmup_steps) if self.sparsity_warmup_steps else 1.0
-        out = self.sae(x, sparsity_scale=warm, dead=DeadFeatures(dead_mask, self._dead_at_most))
+        out = self.sae(x, sparsity_scale=warm, dead=DeadFeatures(aux_mask, self._dead_at_most))
         self._note_nonfinite(out.loss)
         if logging:
             self.raise_if_nonfinite()
@@ -104,7 +114,7 @@ class SAEModule(L.LightningModule):
             fired, seen = anywhere.bool(), seen * self._world()
         self.tokens_since_fired += seen
         self.tokens_since_fired.masked_fill_(fired, 0)  # not [fired] = 0: boolean indexing syncs with a GPU
-        fvu, l0, dead = metrics.fvu(x, out.x_hat), metrics.l0(out.codes), self.dead_frac()
+        fvu, l0, dead = metrics.fvu(self.sae.target(x), out.x_hat), metrics.l0(out.codes), self.dead_frac()
         # MSE and L1 in the units of the raw activations, so runs with and without scaling compare.
         logged = {"train/loss": out.loss, "train/mse": out.mse / s**2, "train/fvu": fvu, "train/l0": l0,
                   "train/l1": out.l1 / s, "sparsity/dead_frac": dead}
@@ -117,6 +127,17 @@ class SAEModule(L.LightningModule):
         if logging or self.trainer.is_last_batch:
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return out.loss
+
+    def _scales(self) -> tuple[torch.Tensor, ...]:
+        """(input_scale,), or a transcoder's (input_scale, output_scale)."""
+        return (self.input_scale, self.output_scale) if self.sae.is_transcoder else (self.input_scale,)
+
+    def scaled(self, x: torch.Tensor) -> torch.Tensor:
+        """x as the SAE trains on it: x * s, or a transcoder's [input * s_in, output * s_out]."""
+        if not self.sae.is_transcoder:
+            return x * self.input_scale
+        d_in = self.sae.d_in
+        return torch.cat((x[:, :d_in] * self.input_scale, x[:, d_in:] * self.output_scale), dim=1)
 
     def _world(self) -> int:
         """Processes training this SAE together (DDP): 1 outside a distributed run."""
@@ -165,10 +186,11 @@ class SAEModule(L.LightningModule):
     @torch.no_grad()
     def fold_input_scale(self) -> None:
         """Fold the input scale into the SAE's biases, so it takes raw activations; a no-op once done."""
-        scale = float(self.input_scale)
-        if scale != 1.0:
-            self.sae.fold_input_scale(scale)
-            self.input_scale.fill_(1.0)
+        scales = [float(scale) for scale in self._scales()]
+        if any(scale != 1.0 for scale in scales):
+            self.sae.fold_input_scale(*scales)
+            for scale in self._scales():
+                scale.fill_(1.0)
 
     def dead_frac(self) -> torch.Tensor:
         return metrics.dead_fraction(self.tokens_since_fired, self.dead_window)
@@ -188,9 +210,9 @@ class SAEModule(L.LightningModule):
             self.sae.normalize_decoder()
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        x, s = batch.float(), self.input_scale
-        out = self.sae(x * s)
-        self._val.update(x, out.x_hat / s, out.codes / s)
+        x, s = batch.float(), self._scales()[-1]
+        out = self.sae(self.scaled(x))
+        self._val.update(self.sae.target(x), out.x_hat / s, out.codes / s)
 
     def on_validation_epoch_end(self) -> None:
         if self._val.n:

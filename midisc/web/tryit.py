@@ -92,7 +92,8 @@ class TextProbe:
         bos = model.tokens.bos
         prefix = [bos] if bos is not None else []
         input_ids = torch.tensor([prefix + ids])
-        acts = lm.capture(model.model, model.modules[run.recipe.hook], input_ids)[0, len(prefix):]  # [T, d]
+        acts = lm.capture(model.model, model.modules[run.recipe.hook], input_ids,
+                          transcode=run.recipe.transcode)[0, len(prefix):]  # [T, d]
         sae = run.sae
         codes = sae.encode(acts.to(sae.W_dec.device, torch.float32)).cpu()  # [T, d_sae]
         texts = model.tokens.decode()(ids)
