@@ -115,10 +115,12 @@ class Checkpointer(L.Callback):
         os.replace(tmp, self.folder / LAST)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        if self._carried is not None:  # the first step after a resume has logged: its epoch totals exist now
+        if self._carried is not None:  # a step after a resume has logged: its epoch totals exist now
             if self._carried["epoch"] == trainer.current_epoch:
-                carry_epoch_totals(trainer, self._carried["totals"])
-            self._carried = None
+                # A metric a step logs only sometimes (AuxK's loss, while features are dead) waits for its first.
+                self._carried["totals"] = carry_epoch_totals(trainer, self._carried["totals"])
+            if self._carried["epoch"] != trainer.current_epoch or not self._carried["totals"]:
+                self._carried = None
         if trainer.global_step % self.every_n_steps == 0:
             self.save(trainer)
 
@@ -158,14 +160,20 @@ def epoch_totals(trainer: L.Trainer) -> dict[str, tuple[torch.Tensor, torch.Tens
             and metric.meta.is_mean_reduction}
 
 
-def carry_epoch_totals(trainer: L.Trainer, totals: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Add the totals of the steps before a resume to this epoch's, as if the run had never stopped."""
+def carry_epoch_totals(trainer: L.Trainer, totals: dict[str, tuple[torch.Tensor, torch.Tensor]]
+                       ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Add the totals of the steps before a resume to this epoch's, as if the run had never stopped; returns those
+    of metrics not logged since the resume yet, to be carried once they are."""
     results = trainer.fit_loop.epoch_loop._results
+    waiting = {}
     for key, (value, count) in totals.items():
         if key in results:
             metric = results[key]
             metric.value = metric.value + value.to(metric.value.device)
             metric.cumulated_batch_size = metric.cumulated_batch_size + count.to(metric.cumulated_batch_size.device)
+        else:
+            waiting[key] = (value, count)
+    return waiting
 
 
 def trainer_position(trainer: L.Trainer) -> Callable[[], tuple[int, int]]:
