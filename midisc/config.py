@@ -212,6 +212,8 @@ def check_config(cfg: DictConfig) -> None:
         _int(cfg, "max_vectors", resolved(cfg, "batch_size"))
     if resolved(cfg, "max_doc_tokens") is not None:
         _int(cfg, "max_doc_tokens", 1)
+    if resolved(cfg, "auxk_window") is not None:
+        _int(cfg, "auxk_window", 1)
     _check_sae_keys(cfg)
     _check_optimizer(cfg)
     _choice(cfg, "activations.cache", ("memory", "disk", "auto"))
@@ -296,6 +298,8 @@ def _check_optimizer(cfg: DictConfig) -> None:
                           f"optimizer), got {partial!r}")
     if "lr" in cfg.optimizer:
         _number(cfg, "optimizer.lr", 0.0, strict=True)
+    if "momentum" in cfg.optimizer:  # Signum's (and SGD's); checked by them only once the model has loaded
+        _number(cfg, "optimizer.momentum", 0.0, high=1.0)
     if "betas" in cfg.optimizer:  # Adam checks them only when Lightning builds it, after the model has loaded
         betas = resolved(cfg, "optimizer.betas")
         numbers = isinstance(betas, ListConfig) and all(

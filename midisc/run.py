@@ -293,7 +293,8 @@ def _train(cfg: DictConfig, output_dir: Path, store: Store | None, run_id: int |
         raise ConfigError(f"resample_every={cfg.resample_every} needs an SAE with an encoder bias b_enc (relu, topk, "
                           f"batchtopk, matryoshka, jumprelu); {type(sae).__name__} has none: set resample_every=0")
     module = SAEModule(sae, instantiate(cfg.optimizer), b_dec_init=cfg.b_dec_init, dead_window=cfg.dead_window,
-                       normalize_input=cfg.normalize_input, resample_every=cfg.resample_every, **cfg.schedule)
+                       normalize_input=cfg.normalize_input, resample_every=cfg.resample_every, **cfg.schedule,
+                       auxk_window=cfg.get("auxk_window"))
     checkpointer = Checkpointer(output_dir / CHECKPOINT_DIR, cfg.checkpoint_every, rows=lambda: stream.n_rows)
     if ckpt:
         step, epoch = checkpoint_step(ckpt)

@@ -130,6 +130,8 @@ def test_reference_experiment_is_the_setting_of_the_results_table(arch):
     ("seed=4294967296", "seed=4294967296 is too large; it must be in 0..4294967295"),
     ("max_samples=many", "max_samples must be an integer >= 1, got 'many'"),
     ("dead_window=1e6", "dead_window must be an integer >= 1, got 1000000.0"),
+    ("auxk_window=0", "auxk_window=0 is too small; it must be >= 1"),
+    ("optimizer=signum optimizer.momentum=2", "optimizer.momentum must be a finite number in [0, 1], got 2"),
     ("optimizer.lr=abc", "optimizer.lr must be a finite number > 0, got 'abc'"),
     ("optimizer.betas=[0.9,1.5]", "optimizer.betas must be two numbers in [0, 1), e.g. [0.9,0.999], got [0.9, 1.5]"),
     ("optimizer._target_=torch.optim.Adamm", "optimizer._target_='torch.optim.Adamm' is not an importable class"),

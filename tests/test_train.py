@@ -167,7 +167,7 @@ def test_cli_single_run_prints_where_everything_is(tmp_path, tiny_llama, text_fo
     # The log holds what the terminal showed, line for line, each with its time; piped, no bar was drawn.
     logged = (sae_dir.parent / "train.log").read_text().splitlines()
     assert [line.split(" INFO ", 1)[-1] for line in logged] == proc.stdout.splitlines()
-    assert logged[0].endswith("run 1: topk SAE (expansion=4  k=8  aux_k_coef=0.03125  aux_k=None) on model.layers.1 "
+    assert logged[0].endswith("run 1: topk SAE (expansion=4  k=8  aux_k_coef=0.125  aux_k=None) on model.layers.1 "
                               f"of {tiny_llama}")
     assert sum(line.split(" INFO ")[-1].startswith("epoch ") for line in logged) == 2
     assert proc.stderr == ""

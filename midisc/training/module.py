@@ -56,7 +56,8 @@ class SAEModule(L.LightningModule):
         self.make_optimizer = optimizer
         self.b_dec_init = b_dec_init
         self.dead_window = dead_window
-        self.auxk_window = auxk_window  # tokens without firing before AuxK trains a feature (None: dead_window)
+        # Tokens without firing before AuxK trains a feature: by default a quarter of dead_window.
+        self.auxk_window = max(1, dead_window // 4) if auxk_window is None else auxk_window
         self.unit_norm_decoder = unit_norm_decoder
         self.lr_warmup_steps, self.lr_decay_frac = lr_warmup_steps, lr_decay_frac
         self.sparsity_warmup_steps = sparsity_warmup_steps
@@ -98,7 +99,7 @@ class SAEModule(L.LightningModule):
             self._dead_at_most = None
         # AuxK may take features sooner than they count as dead: in a short run a feature dead for a whole
         # dead_window has few steps left to come back in.
-        aux_mask = dead_mask if self.auxk_window is None else self.tokens_since_fired >= self.auxk_window
+        aux_mask = self.tokens_since_fired >= self.auxk_window
         if logging or self._dead_at_most is None:
             self._dead_at_most = dead_bound(int(aux_mask.sum()), len(aux_mask))
         warm = min(1.0, (self.global_step + 1) / self.sparsity_warmup_steps) if self.sparsity_warmup_steps else 1.0

@@ -248,3 +248,24 @@ def test_a_nan_loss_is_reported_with_its_step_before_any_later_callback_sees_the
     assert later.seen == []
     # Stopped at the first read after it: in the next logging step's training_step, or at the epoch's end.
     assert trainer.global_step == (LOG_EVERY - 1 if bad_step < LOG_EVERY else 10)
+
+
+def test_auxk_window_hands_features_to_auxk_before_they_count_as_dead():
+    """With auxk_window shorter than dead_window, AuxK trains features that have not fired for that long, while
+    the dead count still waits for the whole dead_window."""
+    seen = []
+
+    class Spy(TopKSAE):
+        def forward(self, x, *, sparsity_scale=1.0, dead=None):
+            seen.append(int(dead.mask.sum()))
+            return super().forward(x, sparsity_scale=sparsity_scale, dead=dead)
+
+    sae = Spy(16, expansion=4, k=4, seed=0)
+    module = SAEModule(sae, lambda p: torch.optim.Adam(p, lr=1e-12), b_dec_init="mean", dead_window=10_000,
+                       auxk_window=256)
+    with torch.no_grad():
+        sae.W_enc[:, :8] = 0
+        sae.b_enc[:8] = -100  # features 0..7 never fire
+    fit(module, sparse_data(n=4))
+    assert seen[0] == 0 and all(n >= 8 for n in seen[2:])  # after 256 tokens, AuxK sees them
+    assert module.dead_frac().item() == 0.0  # 512 tokens are far from the 10,000 of dead_window
