@@ -122,7 +122,8 @@ def plan(cfg: DictConfig, hook: str, run_id: int | None, split: corpus.Split) ->
     optimizer = "  ".join(f"{k}={v}" for k, v in cfg.optimizer.items() if not k.startswith("_"))
     data = cfg.data.source + " " + str(cfg.data.get("name") or cfg.data.get("path") or cfg.data.get("package"))
     head = f"run {run_id}" if run_id is not None else "run (storage=none)"
-    coder = sae_class(cfg).architecture + ("" if cfg.sae.get("kind", "sae") == "transcoder" else " SAE")
+    cls = sae_class(cfg)
+    coder = cls.architecture + ("" if cls.is_transcoder else " SAE")
     return "\n".join([
         f"{head}: {coder} ({settings}) on {hook} of {cfg.model.name}",
         f"  data:       {data}: {len(split.train)} training and {len(split.heldout)} held-out texts "

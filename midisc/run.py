@@ -136,7 +136,7 @@ def train(cfg: DictConfig, output_dir: Path, prepared: Prepared | None = None,
             remove_unused_run_folder(output_dir)
         raise
     L.seed_everything(cfg.seed, verbose=False)
-    if cfg.sae.get("kind") == "transcoder" and m.hook is None and m.site != "mlp":
+    if sae_class(cfg).is_transcoder and m.hook is None and m.site != "mlp":
         log.warning(f"sae.kind=transcoder predicts the output of {hook} (site {m.site}) from its input; a transcoder "
                     "usually stands in for an MLP: model.site=mlp")
 

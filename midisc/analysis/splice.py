@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from midisc.data.activations import drop_outliers, keep_mask
-from midisc.data.lm import input_device, module_input
+from midisc.data.lm import hooked_vectors, input_device
 
 
 @dataclass
@@ -48,9 +48,7 @@ def replaced_output(module: nn.Module, replace: Callable[[torch.Tensor], torch.T
     """Within the block, `module`'s output hidden states [B, T, d] become `replace(acts)`: acts are the output
     itself, or with `transcode` the module's input and output side by side, as a transcoder was trained on them."""
     def hook(_mod, args, kwargs, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        acts = torch.cat((module_input(args, kwargs).to(hidden.dtype), hidden), dim=-1) if transcode else hidden
-        new = replace(acts)
+        new = replace(hooked_vectors(args, kwargs, output, transcode)[1])
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
     handle = module.register_forward_hook(hook, with_kwargs=True)

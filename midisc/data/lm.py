@@ -259,14 +259,19 @@ def capture(model: nn.Module, module: nn.Module, input_ids: torch.Tensor,
     return capture_many(model, [module], input_ids, attention_mask, transcode=transcode)[0]
 
 
-def module_input(args: tuple, kwargs: dict) -> torch.Tensor:
-    """The hidden states a module was called with: its first positional argument (an MLP's, a decoder layer's),
-    or `hidden_states` where transformers passes it by name."""
+def hooked_vectors(args: tuple, kwargs: dict, output, transcode: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a forward hook sees of a module, as (its output hidden states, the vectors harvested from it): the
+    output itself, or with `transcode` the module's input and output side by side, [.., d_in + d_out]. The
+    input is the module's first positional argument (an MLP's, a decoder layer's), or `hidden_states` where
+    transformers passes it by name."""
+    hidden = output[0] if isinstance(output, tuple) else output
+    if not transcode:
+        return hidden, hidden
     found = args[0] if args else kwargs.get("hidden_states")
     if not isinstance(found, torch.Tensor):
         raise ModelError("the hooked module was not called with its hidden states first, so its input cannot be read "
                          "(sae.kind=transcoder reads the input of model.site's module: pick an MLP, model.site=mlp)")
-    return found
+    return hidden, torch.cat((found.to(hidden.dtype), hidden), dim=-1)
 
 
 def capture_many(model: nn.Module, modules: Sequence[nn.Module], input_ids: torch.Tensor,
@@ -278,10 +283,7 @@ def capture_many(model: nn.Module, modules: Sequence[nn.Module], input_ids: torc
 
     def hook_of(index: int):
         def hook(_mod, args, kwargs, output):
-            output = output[0] if isinstance(output, tuple) else output
-            if transcode:
-                output = torch.cat((module_input(args, kwargs).to(output.dtype), output), dim=-1)
-            captured.setdefault(index, output)
+            captured.setdefault(index, hooked_vectors(args, kwargs, output, transcode)[1])
             if len(captured) == len(modules):
                 raise _StopForward
         return hook

@@ -143,14 +143,16 @@ class Source:
 
     def width(self, contexts: torch.Tensor) -> int:
         """The hooked module's output width, from one forward of the first context (cut short at the hook)."""
-        return self.widths(contexts)[1]
+        with torch.inference_mode():
+            return int(lm.capture(self.loaded.model, self.module, contexts[:1]).shape[-1])
 
     def widths(self, contexts: torch.Tensor) -> tuple[int, int]:
-        """(input width, output width) of the hooked module, from one forward of the first context."""
+        """A transcoder's (input width, output width) at the hooked module, from two short forwards of the first
+        context; an SAE needs only `width`, and the module's input may not be readable."""
         with torch.inference_mode():
             both = lm.capture(self.loaded.model, self.module, contexts[:1], transcode=True)
-            out = lm.capture(self.loaded.model, self.module, contexts[:1])
-        return int(both.shape[-1] - out.shape[-1]), int(out.shape[-1])
+        out = self.width(contexts)
+        return int(both.shape[-1]) - out, out
 
     def capture(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The vectors of `input_ids` [B, T] as the recipe harvests them, before filtering: [B, T, d]."""

@@ -63,7 +63,7 @@ def shapes(t: Target) -> str:
         expected["threshold"] = (d_sae,)
     if "skip_transcoder" in arch:  # a learnt linear path from input to output
         expected["W_skip"] = (d_out, d_in)
-    if cfg.get("architecture") == "gated":  # no b_enc: a gate bias and a magnitude path sharing W_enc
+    if arch == "gated":  # no b_enc: a gate bias and a magnitude path sharing W_enc
         del expected["b_enc"]
         expected.update(b_gate=(d_sae,), r_mag=(d_sae,), b_mag=(d_sae,))
     if set(w) != set(expected):
@@ -71,8 +71,7 @@ def shapes(t: Target) -> str:
     for name, shape in expected.items():
         if tuple(w[name].shape) != shape:
             raise Failure(f"{name} has shape {tuple(w[name].shape)} but cfg.json (d_in={d_in}, d_sae={d_sae}, "
-                          f"d_out={d_out}) "
-                          f"needs {shape}")
+                          f"d_out={d_out}) needs {shape}")
     if tuple(t.sparsity.shape) != (d_sae,):
         raise Failure(f"sparsity has shape {tuple(t.sparsity.shape)}, expected ({d_sae},)")
     if "k" in cfg and not 1 <= cfg["k"] <= d_sae:
